@@ -1,0 +1,40 @@
+"""Typed errors that cross layers. One place (getcertd.web) maps them to protocol answers."""
+from enum import IntEnum
+
+
+class FailInfo(IntEnum):
+    """SCEP failInfo values (RFC 8894 section 3.2.1.4.5)."""
+    badAlg = 0
+    badMessageCheck = 1
+    badRequest = 2
+    badTime = 3
+    badCertId = 4
+
+
+class GetcertdError(Exception):
+    """Base of getcertd's typed errors."""
+
+
+class MalformedRequest(GetcertdError):
+    """Input that can't be parsed at all: answered with HTTP 400 and this one-line reason."""
+
+
+class ScepFailure(GetcertdError):
+    """A request that was parsed but can't be granted: answered with a FAILURE CertRep."""
+
+    def __init__(self, fail_info: FailInfo, text: str):
+        super().__init__(f"{fail_info.name}: {text}")
+        self.fail_info = fail_info
+        self.text = text
+
+
+class AuthUnavailable(GetcertdError):
+    """The authentication backend could not be reached: HTTP 503 with Retry-After, or FAILURE CertRep."""
+
+
+class StorageUnavailable(GetcertdError):
+    """The journal could not record an issuance: HTTP 503, no certificate leaves the server."""
+
+
+class ConfigError(GetcertdError):
+    """A configuration problem, reported at start with a message naming the file, section and key."""
