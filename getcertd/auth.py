@@ -9,7 +9,7 @@ An authenticator's ``authenticate(user, password, state, client)`` returns a Def
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Tuple
 
-from zope.interface import Interface
+from zope.interface import Attribute, Interface
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,40 @@ class Challenge:
 class IAuthenticator(Interface):
     """A password/token/challenge-response checker."""
 
-    name = "short backend name for logs and metrics, e.g. 'local' or 'radius'"
+    name = Attribute("short backend name for logs and metrics, e.g. 'local' or 'radius'")
 
     def authenticate(user, password, state, client):
         """Check ``password`` (bytes) for ``user`` (str); return a Deferred of Accept | Reject | Challenge."""
+
+
+class ChallengeStore:
+    """Server-side continuations of challenge/response authentication (layer 1: time is passed in).
+
+    A 401 that carries a RADIUS challenge hands the client an opaque random token; the backend State stays
+    here, bound to the user name, and expires after ``ttl`` seconds. A token is good for one response.
+    """
+
+    def __init__(self, ttl: float = 120.0, max_entries: int = 10000):
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._entries = {}  # token -> (user, state, expires)
+
+    def put(self, token: str, user: str, state: bytes, now: float) -> None:
+        self.expire(now)
+        if len(self._entries) >= self.max_entries:
+            self._entries.pop(next(iter(self._entries)))
+        self._entries[token] = (user, state, now + self.ttl)
+
+    def take(self, token: str, user: str, now: float) -> Optional[bytes]:
+        """The backend state for this token if it belongs to ``user`` and has not expired; used once."""
+        entry = self._entries.pop(token, None)
+        if entry is None or entry[2] < now or entry[0] != user:
+            return None
+        return entry[1]
+
+    def expire(self, now: float) -> None:
+        for token in [t for t, e in self._entries.items() if e[2] < now]:
+            del self._entries[token]
+
+    def __len__(self):
+        return len(self._entries)
