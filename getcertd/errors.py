@@ -38,3 +38,12 @@ class StorageUnavailable(GetcertdError):
 
 class ConfigError(GetcertdError):
     """A configuration problem, reported at start with a message naming the file, section and key."""
+
+
+class AuthenticationRequired(GetcertdError):
+    """HTTP 401 with WWW-Authenticate; with ``message`` and ``token`` when the backend issued a challenge."""
+
+    def __init__(self, message: str = "", token: str = ""):
+        super().__init__(message or "authentication required")
+        self.message = message
+        self.token = token
