@@ -1,0 +1,335 @@
+"""getcert: the end entity's side of the draft's process flow (section 7).
+
+Connect over TLS and check the server's certificate and name (service_identity), answer the 401 with HTTP
+authentication (and further 401 challenge rounds), fetch GetCACaps and GetCACert (checked against the trust
+anchor), generate the key locally, enroll with a SCEP PKCSReq, verify the CertRep and write the files.
+"""
+import argparse
+import base64
+import datetime
+import getpass
+import hashlib
+import os
+import socket
+import sys
+from io import BytesIO
+from urllib.parse import urlsplit
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
+from twisted.internet import defer, ssl, task, threads
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
+
+from getcertd import scep
+from getcertd.ca import generate_key
+from getcertd.errors import FailInfo, GetcertdError
+
+CHALLENGE_HEADER = b"Getcertd-Challenge"
+MAX_ROUNDS = 6
+
+
+class ClientError(Exception):
+    """A one-line reason to stop with a non-zero exit."""
+
+
+def _pem(cert):
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _spki(key):
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _sha256_hex(cert) -> str:
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def peer_chain(host: str, port: int, timeout: float = 15.0):
+    """The certificates the server presents, unverified; used only to find the pinned CA by fingerprint."""
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    sock = socket.create_connection((host, port), timeout)
+    try:
+        conn = SSL.Connection(ctx, sock)
+        conn.set_tlsext_host_name(host.encode("idna"))
+        conn.set_connect_state()
+        conn.do_handshake()
+        return [c.to_cryptography() for c in conn.get_peer_cert_chain() or []]
+    finally:
+        sock.close()
+
+
+@implementer(IPolicyForHTTPS)
+class PinnedTrust:
+    """Verify the server's chain against our trust anchors and its name with service_identity, TLS 1.2+."""
+
+    def __init__(self, anchors):
+        self.root = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(_pem(c)) for c in anchors])
+
+    def creatorForNetloc(self, hostname, port):
+        return ssl.optionsForClientTLS(hostname.decode("idna"), trustRoot=self.root,
+                                       extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2})
+
+
+def trust_anchors(args, host, port):
+    if args.cafile:
+        try:
+            with open(args.cafile, "rb") as f:
+                return x509.load_pem_x509_certificates(f.read())
+        except (OSError, ValueError) as e:
+            raise ClientError(f"--cafile {args.cafile}: {e}")
+    want = args.ca_fingerprint.lower()
+    if want.startswith("sha256:"):
+        want = want[7:]
+    want = want.replace(":", "")
+    if len(want) != 64:
+        raise ClientError("--ca-fingerprint: expected sha256:HEX (64 hex digits)")
+    try:
+        chain = peer_chain(host, port)
+    except (OSError, SSL.Error) as e:
+        raise ClientError(f"can't reach {host}:{port}: {e}")
+    for cert in chain:
+        if _sha256_hex(cert) == want:
+            return [cert]
+    raise ClientError("the server did not present a CA certificate with the given fingerprint")
+
+
+def _describe_tls_failure(failure) -> str:
+    text = str(failure.value)
+    if "certificate verify failed" in text or "VerificationError" in repr(failure.value) or "verify" in text:
+        return "the server's certificate is not trusted or does not match its name; refusing to continue"
+    return f"connection failed: {text.splitlines()[0] if text else failure.type.__name__}"
+
+
+class ScepSession:
+    def __init__(self, reactor, url, trust, args, password_source):
+        self.url = url.rstrip("?")
+        self.agent = Agent(reactor, contextFactory=trust, pool=HTTPConnectionPool(reactor, persistent=True),
+                           connectTimeout=30)
+        self.args = args
+        self.next_password = password_source
+
+    async def request(self, method, url, headers=None, body=None):
+        producer = FileBodyProducer(BytesIO(body)) if body is not None else None
+        try:
+            response = await self.agent.request(method, url.encode(), Headers(headers or {}), producer)
+            data = await readBody(response)
+        except Exception as e:  # TLS, DNS and connection failures
+            raise ClientError(_describe_tls_failure(Failure(e)))
+        return response, data
+
+    async def get(self, operation, extra=""):
+        response, data = await self.request(b"GET", f"{self.url}?operation={operation}{extra}")
+        if response.code != 200:
+            raise ClientError(f"{operation}: HTTP {response.code}: {data[:200].decode('utf-8', 'replace').strip()}")
+        return response, data
+
+    async def pki_operation(self, message: bytes):
+        """POST the message, answering 401s with the user's credentials and challenge responses."""
+        headers = {b"Content-Type": [b"application/x-pki-message"]}
+        password = None
+        for _round in range(MAX_ROUNDS):
+            response, data = await self.request(b"POST", f"{self.url}?operation=PKIOperation", headers, message)
+            if response.code == 200:
+                return data
+            if response.code == 401:
+                token = (response.headers.getRawHeaders(CHALLENGE_HEADER) or [b""])[0]
+                if token:
+                    prompt = data.decode("utf-8", "replace").strip() or "Response"
+                    password = self.next_password(prompt)
+                elif password is None:
+                    password = self.next_password(None)
+                else:
+                    raise ClientError("authentication failed (wrong user name or password)")
+                creds = base64.b64encode(self.args.user.encode("utf-8") + b":" + password.encode("utf-8"))
+                headers = {b"Content-Type": [b"application/x-pki-message"], b"Authorization": [b"Basic " + creds]}
+                if token:
+                    headers[CHALLENGE_HEADER] = [token]
+                continue
+            text = data[:300].decode("utf-8", "replace").strip()
+            raise ClientError(f"PKIOperation: HTTP {response.code}: {text}")
+        raise ClientError("too many authentication rounds")
+
+
+def _load_ca_certs(content_type: bytes, body: bytes):
+    """(ca, ra or None, all certs) from a GetCACert answer."""
+    if b"ca-ra-cert" in content_type:
+        certs, _ = scep.parse_degenerate(body)
+    else:
+        certs = [x509.load_der_x509_certificate(body)]
+    roots = [c for c in certs if c.issuer == c.subject]
+    if not roots:
+        raise ClientError("GetCACert gave no self-signed CA certificate")
+    return certs
+
+
+def _select_ra(certs, ca):
+    """The certificate that will decrypt our request and sign the CertRep: an RA issued by the CA, else the CA."""
+    for cert in certs:
+        if cert is ca:
+            continue
+        try:
+            cert.verify_directly_issued_by(ca)
+        except Exception:
+            continue
+        return cert
+    return ca
+
+
+def _transport_key(key):
+    """The key that signs the SCEP message and receives the encrypted CertRep: RSA (key transport)."""
+    if isinstance(key, rsa.RSAPrivateKey):
+        return key
+    return generate_key("rsa2048")
+
+
+def _self_signed(key, user, now):
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, user[:64] or "getcert")])
+    return (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+
+
+def _csr(key, user):
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, user[:64] or "getcert")])
+    algorithm = None if key.__class__.__name__.startswith("Ed") else hashes.SHA256()
+    return x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, algorithm)
+
+
+async def enroll(reactor, args, password_source):
+    parts = urlsplit(args.url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ClientError("--url must be an https:// URL (credentials are only sent inside TLS)")
+    host, port = parts.hostname, parts.port or 443
+    anchors = await threads.deferToThread(trust_anchors, args, host, port)
+    session = ScepSession(reactor, args.url, PinnedTrust(anchors), args, password_source)
+
+    _, caps = await session.get("GetCACaps")
+    caps = {c.strip().upper() for c in caps.decode("ascii", "replace").split()}
+    response, body = await session.get("GetCACert", "&message=getcert")
+    content_type = (response.headers.getRawHeaders(b"Content-Type") or [b""])[0]
+    certs = _load_ca_certs(content_type, body)
+    anchor_der = {a.public_bytes(serialization.Encoding.DER) for a in anchors}
+    ca = next((c for c in certs if c.issuer == c.subject
+               and c.public_bytes(serialization.Encoding.DER) in anchor_der), None)
+    if ca is None:
+        raise ClientError("the CA certificate from GetCACert is not the one you trust (--cafile/--ca-fingerprint)")
+    recipient = _select_ra(certs, ca)
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    key = generate_key(args.key_type)
+    transport = _transport_key(key)
+    signer = _self_signed(transport, args.user, now)
+    csr = _csr(key, args.user)
+    cipher = "aes256" if "AES" in caps else "des3"
+    digest = "sha256" if "SHA-256" in caps else "sha1"
+    nonce = scep.new_nonce()
+    tid = scep.new_transaction_id(key.public_key())
+    message = scep.build_signed(
+        message_type=scep.MessageType.PKCSReq, transaction_id=tid, sender_nonce=nonce, signer_key=transport,
+        signer_cert=signer, digest=digest,
+        content=scep.build_envelope(csr.public_bytes(serialization.Encoding.DER), recipient, cipher=cipher))
+    reply = await session.pki_operation(message)
+
+    try:
+        rep = scep.parse_signed(reply)
+    except GetcertdError as e:
+        raise ClientError(f"the CertRep does not verify: {e}")
+    if _spki(rep.signer_cert.public_key()) != _spki(recipient.public_key()):
+        raise ClientError("the CertRep is not signed by the CA or its RA")
+    if rep.message_type != scep.MessageType.CertRep or rep.transaction_id != tid or rep.recipient_nonce != nonce:
+        raise ClientError("the CertRep does not answer our request (type, transactionID or nonce mismatch)")
+    status = rep.pki_status.value if hasattr(rep.pki_status, "value") else rep.pki_status
+    if status == scep.PkiStatus.FAILURE.value:
+        names = {i.value: i.name for i in FailInfo}
+        raise ClientError(f"the request was refused: {names.get(rep.fail_info, rep.fail_info)}: "
+                          f"{rep.fail_info_text or 'no reason given'}")
+    if status != scep.PkiStatus.SUCCESS.value:
+        raise ClientError(f"the request was not granted (pkiStatus {status})")
+    plaintext, _ = scep.decrypt_envelope(rep.content, transport, signer)
+    issued, _ = scep.parse_degenerate(plaintext)
+    cert = next((c for c in issued if _spki(c.public_key()) == _spki(key.public_key())), None)
+    if cert is None:
+        raise ClientError("the CertRep holds no certificate for our key")
+    try:
+        cert.verify_directly_issued_by(ca)
+    except Exception:
+        raise ClientError("the issued certificate was not signed by the CA")
+
+    os.makedirs(args.out, exist_ok=True)
+    _write(os.path.join(args.out, "key.pem"), key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), 0o600)
+    _write(os.path.join(args.out, "cert.pem"), _pem(cert), 0o644)
+    _write(os.path.join(args.out, "ca.pem"), _pem(ca), 0o644)
+    print(f"getcert: issued {cert.subject.rfc4514_string()}, serial {cert.serial_number:X}, "
+          f"valid until {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC; files in {args.out}")
+    return cert, key, ca
+
+
+def _write(path, data, mode):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def password_reader(use_stdin: bool):
+    """A function giving the password first, then a response for each challenge prompt."""
+    def read(prompt):
+        if use_stdin:
+            if prompt:
+                print(f"getcert: {prompt}", file=sys.stderr)
+            line = sys.stdin.readline()
+            if not line:
+                raise ClientError("standard input ended before a password or response was read")
+            return line.rstrip("\r\n")
+        return getpass.getpass((prompt or "Password") + ": ")
+    return read
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="getcert", description="Enroll for a short-lived IKE certificate.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("enroll", help="authenticate and enroll")
+    e.add_argument("--url", required=True, help="e.g. https://vpn-ca.example.com:8443/scep")
+    e.add_argument("--user", required=True)
+    e.add_argument("--password-stdin", action="store_true",
+                   help="read the password, then each challenge response, one line at a time from standard input")
+    trust = e.add_mutually_exclusive_group(required=True)
+    trust.add_argument("--cafile", help="PEM file of the CA to trust")
+    trust.add_argument("--ca-fingerprint", help="sha256:HEX of the CA certificate to trust")
+    e.add_argument("--out", required=True, help="directory for key.pem, cert.pem, ca.pem")
+    e.add_argument("--key-type", default="rsa2048", choices=["rsa2048", "rsa3072", "ec-p256", "ec-p384"])
+    args = ap.parse_args(argv)
+    result = {}
+
+    async def run(reactor):
+        try:
+            await enroll(reactor, args, password_reader(args.password_stdin))
+        except ClientError as err:
+            result["error"] = str(err)
+        except GetcertdError as err:
+            result["error"] = f"the server's answer can't be used: {err}"
+    try:
+        task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
+    except SystemExit as exit_:
+        if exit_.code not in (0, None):
+            print("getcert: failed unexpectedly", file=sys.stderr)
+            return 1
+    if "error" in result:
+        print(f"getcert: {result['error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""The INI configuration, parsed into frozen dataclasses (layer 1: the text comes in, no file access here).
+
+Every key documented in etc/getcertd.ini is known here; an unknown section or key is an error, so a typo
+is reported at start instead of being silently ignored.
+"""
+import configparser
+import re
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Tuple
+
+from getcertd.errors import ConfigError
+
+KEY_TYPES = ("rsa2048", "rsa3072", "rsa4096", "ec-p256", "ec-p384")
+DEFAULT_EKU = ("ipsecIKE", "clientAuth")
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    name: str
+    lifetime: int  # seconds
+    subject: str  # template, e.g. "CN={user}, OU=remote-access, O=getcertd"
+    san: str  # template, e.g. "email:{user}@example.com"; empty for none
+    eku: Tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RadiusConfig:
+    servers: Tuple[Tuple[str, int], ...] = ()
+    secret: bytes = b""
+    timeout: float = 3.0
+    retries: int = 2
+    nas_identifier: str = "getcertd"
+    require_message_authenticator: bool = True
+    dead_time: float = 30.0
+    profile_attribute: str = "Class"
+
+
+@dataclass(frozen=True)
+class Config:
+    state_dir: str
+    server_name: str
+    https_listen: str
+    https_certificate: str
+    https_key: str
+    http_listen: str
+    scep_paths: Tuple[str, ...]
+    allow_legacy_des: bool
+    renewal_without_auth: bool
+    ca_certificate: str
+    ca_key: str
+    ca_key_type: str
+    ca_subject: str
+    ca_lifetime: int
+    ra: bool
+    auth_backend: str
+    users_file: str
+    challenge_user: str
+    radius: RadiusConfig
+    skew: int
+    max_valid_per_user: int
+    max_per_user_per_hour: int
+    default_profile: str
+    profiles: Mapping[str, ProfileConfig]
+    profile_map: Mapping[str, str]
+    crl_interval: int
+    crl_lifetime: int
+    crl_url: str
+    log_retain: int
+    manhole_listen: str
+    manhole_authorized_keys: str
+    metrics_listen: str
+    source: str = field(default="", compare=False)
+
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> int:
+    """'90' or '90s', '10m', '8h', '2d', '1w' to seconds."""
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(f"not a duration (use e.g. 30s, 10m, 8h, 2d): {text!r}")
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+# section -> {key: default}; "profile NAME" sections are handled apart.
+_SCHEMA = {
+    "getcertd": {"state_dir": "/var/lib/getcertd", "server_name": "localhost"},
+    "https": {"listen": "tcp:8443:interface=127.0.0.1", "certificate": "", "key": ""},
+    "http": {"listen": ""},
+    "scep": {"paths": "/cgi-bin/pkiclient.exe /scep", "allow_legacy_des": "no", "renewal_without_auth": "no"},
+    "ca": {"certificate": "", "key": "", "key_type": "rsa2048", "subject": "CN=getcertd CA", "lifetime": "3650d",
+           "ra": "yes"},
+    "auth": {"backend": "local", "users": "", "challenge_user": "cn"},
+    "radius": {"servers": "", "secret": "", "secret_file": "", "timeout": "3s", "retries": "2",
+               "nas_identifier": "getcertd", "require_message_authenticator": "yes", "dead_time": "30s",
+               "profile_attribute": "Class"},
+    "policy": {"subject": "CN={user}, OU=remote-access, O=getcertd", "san": "", "lifetime": "8h",
+               "eku": " ".join(DEFAULT_EKU), "skew": "2m", "max_valid_per_user": "5",
+               "max_per_user_per_hour": "60", "default_profile": "default", "profile_map": ""},
+    "crl": {"interval": "1h", "lifetime": "1d", "url": ""},
+    "log": {"retain": "30d"},
+    "manhole": {"listen": "tcp:2222:interface=127.0.0.1", "authorized_keys": ""},
+    "metrics": {"listen": ""},
+}
+_PROFILE_KEYS = {"lifetime", "subject", "san", "eku"}
+
+
+def _bool(section, key, value):
+    v = value.strip().lower()
+    if v in ("yes", "true", "on", "1"):
+        return True
+    if v in ("no", "false", "off", "0"):
+        return False
+    raise ConfigError(f"[{section}] {key}: expected yes or no, got {value!r}")
+
+
+def _int(section, key, value, minimum=0):
+    try:
+        n = int(value)
+    except ValueError:
+        raise ConfigError(f"[{section}] {key}: expected a whole number, got {value!r}") from None
+    if n < minimum:
+        raise ConfigError(f"[{section}] {key}: must be at least {minimum}")
+    return n
+
+
+def _dur(section, key, value):
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise ConfigError(f"[{section}] {key}: {e}") from None
+
+
+def _hostport(text):
+    text = text.strip()
+    if text.startswith("["):  # [::1]:1812
+        host, _, port = text[1:].partition("]:")
+    else:
+        host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"[radius] servers: expected host:port, got {text!r}")
+    return host, int(port)
+
+
+def parse_config(text: str, source: str = "<config>", read_file=None) -> Config:
+    """Parse the INI text. ``read_file(path) -> bytes`` is used only for [radius] secret_file."""
+    cp = configparser.ConfigParser(interpolation=None, empty_lines_in_values=False)
+    cp.optionxform = str
+    try:
+        cp.read_string(text, source=source)
+    except configparser.Error as e:
+        raise ConfigError(f"{source}: {str(e).splitlines()[0]}") from None
+    values = {s: dict(d) for s, d in _SCHEMA.items()}
+    raw_profiles = {}
+    for section in cp.sections():
+        if section.startswith("profile "):
+            name = section[len("profile "):].strip()
+            unknown = set(cp[section]) - _PROFILE_KEYS
+            if not name or unknown:
+                raise ConfigError(f"{source}: [{section}]: unknown key(s) {', '.join(sorted(unknown))}"
+                                  if unknown else f"{source}: [{section}]: profile needs a name")
+            raw_profiles[name] = dict(cp[section])
+            continue
+        if section not in _SCHEMA:
+            raise ConfigError(f"{source}: unknown section [{section}]")
+        for key, value in cp[section].items():
+            if key not in _SCHEMA[section]:
+                raise ConfigError(f"{source}: [{section}] unknown key {key!r}")
+            values[section][key] = value.strip()
+    try:
+        return _build(values, raw_profiles, source, read_file)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _build(v, raw_profiles, source, read_file) -> Config:
+    g, ca, auth, pol, rad = v["getcertd"], v["ca"], v["auth"], v["policy"], v["radius"]
+    if ca["key_type"] not in KEY_TYPES:
+        raise ConfigError(f"[ca] key_type: one of {', '.join(KEY_TYPES)}, got {ca['key_type']!r}")
+    if bool(ca["certificate"]) != bool(ca["key"]):
+        raise ConfigError("[ca] certificate and key: give both or neither")
+    https = v["https"]
+    if bool(https["certificate"]) != bool(https["key"]):
+        raise ConfigError("[https] certificate and key: give both or neither")
+    paths = tuple(p for p in v["scep"]["paths"].split() if p)
+    if not paths or any(not p.startswith("/") for p in paths):
+        raise ConfigError("[scep] paths: one or more absolute paths, e.g. /cgi-bin/pkiclient.exe /scep")
+    if auth["backend"] not in ("local", "radius"):
+        raise ConfigError(f"[auth] backend: local or radius, got {auth['backend']!r}")
+    if auth["backend"] == "local" and not auth["users"]:
+        raise ConfigError("[auth] users: the local accounts file is required with backend = local")
+    if auth["challenge_user"] not in ("cn", "email"):
+        raise ConfigError("[auth] challenge_user: cn or email")
+
+    radius = RadiusConfig()
+    if auth["backend"] == "radius":
+        servers = tuple(_hostport(s) for s in rad["servers"].replace(",", " ").split())
+        if not servers:
+            raise ConfigError("[radius] servers: at least one host:port with backend = radius")
+        if rad["secret"] and rad["secret_file"]:
+            raise ConfigError("[radius] secret and secret_file: give one, not both")
+        if rad["secret_file"]:
+            if read_file is None:
+                raise ConfigError("[radius] secret_file: can't be read here")
+            secret = read_file(rad["secret_file"]).strip()
+        else:
+            secret = rad["secret"].encode()
+        if not secret:
+            raise ConfigError("[radius] secret or secret_file is required")
+        if rad["profile_attribute"] not in ("Class", "Filter-Id"):
+            raise ConfigError("[radius] profile_attribute: Class or Filter-Id")
+        radius = RadiusConfig(
+            servers=servers, secret=secret, timeout=max(_dur("radius", "timeout", rad["timeout"]), 1),
+            retries=_int("radius", "retries", rad["retries"]), nas_identifier=rad["nas_identifier"],
+            require_message_authenticator=_bool("radius", "require_message_authenticator",
+                                                rad["require_message_authenticator"]),
+            dead_time=_dur("radius", "dead_time", rad["dead_time"]), profile_attribute=rad["profile_attribute"])
+
+    profiles = {"default": ProfileConfig("default", _dur("policy", "lifetime", pol["lifetime"]), pol["subject"],
+                                         pol["san"], tuple(pol["eku"].split()))}
+    for name, p in raw_profiles.items():
+        sec = f"profile {name}"
+        profiles[name] = ProfileConfig(
+            name, _dur(sec, "lifetime", p["lifetime"]) if "lifetime" in p else profiles["default"].lifetime,
+            p.get("subject", pol["subject"]), p.get("san", pol["san"]), tuple(p.get("eku", pol["eku"]).split()))
+    for p in profiles.values():
+        if p.lifetime < 60:
+            raise ConfigError(f"[profile {p.name}] lifetime: at least 1m")
+    profile_map = {}
+    for item in pol["profile_map"].replace(",", " ").split():
+        hint, sep, name = item.partition("=")
+        if not sep or name not in profiles:
+            raise ConfigError(f"[policy] profile_map: expected VALUE=PROFILE with a defined profile, got {item!r}")
+        profile_map[hint] = name
+    if pol["default_profile"] not in profiles:
+        raise ConfigError(f"[policy] default_profile: no profile named {pol['default_profile']!r}")
+
+    return Config(
+        state_dir=g["state_dir"], server_name=g["server_name"],
+        https_listen=https["listen"], https_certificate=https["certificate"], https_key=https["key"],
+        http_listen=v["http"]["listen"], scep_paths=paths,
+        allow_legacy_des=_bool("scep", "allow_legacy_des", v["scep"]["allow_legacy_des"]),
+        renewal_without_auth=_bool("scep", "renewal_without_auth", v["scep"]["renewal_without_auth"]),
+        ca_certificate=ca["certificate"], ca_key=ca["key"], ca_key_type=ca["key_type"], ca_subject=ca["subject"],
+        ca_lifetime=_dur("ca", "lifetime", ca["lifetime"]), ra=_bool("ca", "ra", ca["ra"]),
+        auth_backend=auth["backend"], users_file=auth["users"], challenge_user=auth["challenge_user"],
+        radius=radius, skew=_dur("policy", "skew", pol["skew"]),
+        max_valid_per_user=_int("policy", "max_valid_per_user", pol["max_valid_per_user"]),
+        max_per_user_per_hour=_int("policy", "max_per_user_per_hour", pol["max_per_user_per_hour"]),
+        default_profile=pol["default_profile"], profiles=profiles, profile_map=profile_map,
+        crl_interval=max(_dur("crl", "interval", v["crl"]["interval"]), 1),
+        crl_lifetime=_dur("crl", "lifetime", v["crl"]["lifetime"]), crl_url=v["crl"]["url"],
+        log_retain=_dur("log", "retain", v["log"]["retain"]),
+        manhole_listen=v["manhole"]["listen"], manhole_authorized_keys=v["manhole"]["authorized_keys"],
+        metrics_listen=v["metrics"]["listen"], source=source)

@@ -1,0 +1,288 @@
+"""The enrollment service (layer 2): a parsed pkiMessage in, a CertRep out.
+
+This is the one place where SCEP outcomes become CertReps: a request that parses but can't be granted
+(``ScepFailure``) is answered with a FAILURE CertRep carrying failInfo and failInfoText. Errors that are
+answered at the HTTP level (malformed input, authentication needed, backend or journal unavailable)
+propagate to getcertd.web, which maps them to status codes.
+"""
+import datetime
+import secrets
+from dataclasses import dataclass
+from typing import Optional
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+
+from getcertd import scep
+from getcertd.ca import random_serial
+from getcertd.auth import Accept, Challenge, ChallengeStore, Identity
+from getcertd.errors import AuthenticationRequired, AuthUnavailable, FailInfo, ScepFailure
+from getcertd.issuance import Record
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """HTTP Basic credentials, with the continuation token when answering a challenge."""
+    user: str
+    password: bytes
+    token: str = ""
+
+
+def _spki(public_key) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+class EnrollmentService:
+    """Decides and answers SCEP PKIOperations; shares the issuance log with the rest of the appliance.
+
+    ``run_crypto(f, *args)`` runs private-key work off the reactor thread and returns a Deferred.
+    """
+
+    def __init__(self, *, ca, signer_key, signer_cert, policy, issuance_log, journal, authenticator, clock,
+                 allow_legacy_des=False, renewal_without_auth=False, challenge_user="cn", crl=None,
+                 crl_url=None, challenges: Optional[ChallengeStore] = None, stats=None,
+                 run_crypto=threads.deferToThread):
+        self.ca = ca
+        self.signer_key = signer_key  # RA key when there is an RA, else the CA key
+        self.signer_cert = signer_cert
+        self.policy = policy
+        self.log = issuance_log
+        self.journal = journal
+        self.authenticator = authenticator
+        self.clock = clock
+        self.allow_legacy_des = allow_legacy_des
+        self.renewal_without_auth = renewal_without_auth
+        self.challenge_user = challenge_user
+        self.crl = crl
+        self.crl_url = crl_url
+        self.challenges = challenges or ChallengeStore()
+        self.stats = stats
+        self.run_crypto = run_crypto
+        self._in_flight = {}  # transactionID -> Deferred of the certificate being issued
+
+    def now(self) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.timezone.utc)
+
+    def pki_operation(self, der: bytes, credentials: Optional[Credentials], client: str, secure: bool):
+        """A Deferred CertRep (bytes) for a PKIOperation message."""
+        return defer.Deferred.fromCoroutine(self._pki_operation(der, credentials, client, secure))
+
+    async def _pki_operation(self, der, credentials, client, secure):
+        msg = scep.parse_signed(der)  # MalformedRequest: HTTP 400
+        try:
+            if msg.message_type in (scep.MessageType.PKCSReq, scep.MessageType.RenewalReq):
+                cert, cipher = await self._enroll(msg, credentials, client, secure)
+            elif msg.message_type == scep.MessageType.CertPoll:
+                cert, cipher = await self._poll(msg)
+            elif msg.message_type == scep.MessageType.GetCert:
+                cert, cipher = await self._get_cert(msg)
+            elif msg.message_type == scep.MessageType.GetCRL:
+                return await self._get_crl(msg)
+            else:
+                raise ScepFailure(FailInfo.badRequest, f"unsupported messageType {msg.message_type}")
+        except ScepFailure as failure:
+            self._count("refused", failure.fail_info.name)
+            log.info("SCEP {type} from {client} refused: {reason}", type=msg.message_type, client=client,
+                     reason=failure)
+            return await self._reply(msg, scep.PkiStatus.FAILURE, fail_info=failure.fail_info,
+                                     fail_info_text=failure.text)
+        return await self._reply(msg, scep.PkiStatus.SUCCESS, content=scep.degenerate_pkcs7([cert]), cipher=cipher)
+
+    def _count(self, *key):
+        if self.stats is not None:
+            self.stats.count(*key)
+
+    def _reply(self, msg, status, content=None, cipher="aes256", fail_info=None, fail_info_text=None):
+        """Build and sign the CertRep off the reactor thread."""
+        def build():
+            envelope = None
+            if content is not None:
+                envelope = scep.build_envelope(content, msg.signer_cert, cipher=cipher)
+            return scep.build_signed(
+                message_type=scep.MessageType.CertRep, transaction_id=msg.transaction_id,
+                sender_nonce=scep.new_nonce(), recipient_nonce=msg.sender_nonce, signer_key=self.signer_key,
+                signer_cert=self.signer_cert, digest=msg.digest, content=envelope, pki_status=status,
+                fail_info=fail_info, fail_info_text=fail_info_text)
+        return self.run_crypto(build)
+
+    def _decrypt(self, msg):
+        if msg.content is None:
+            raise ScepFailure(FailInfo.badRequest, "the message carries no enveloped content")
+        return self.run_crypto(scep.decrypt_envelope, msg.content, self.signer_key, self.signer_cert,
+                               self.allow_legacy_des)
+
+    async def _enroll(self, msg, credentials, client, secure):
+        plaintext, cipher = await self._decrypt(msg)
+        csr = scep.parse_csr(plaintext)
+        public_key = csr.public_key()
+        spki = _spki(public_key)
+
+        previous = self.log.by_transaction(msg.transaction_id)
+        if previous is not None:
+            cert = self.log.certificate(previous.serial)
+            if cert is not None and _spki(cert.public_key()) == spki:
+                log.info("SCEP retry of transaction {tid}: the certificate already issued", tid=msg.transaction_id)
+                return cert, cipher
+            raise ScepFailure(FailInfo.badRequest, "this transactionID was already used for another key")
+        pending = self._in_flight.get(msg.transaction_id)
+        if pending is not None:  # the same request, retried while the first is still being issued
+            waiter = defer.Deferred()
+            pending.append(waiter)
+            cert = await waiter
+            if _spki(cert.public_key()) != spki:
+                raise ScepFailure(FailInfo.badRequest, "this transactionID was already used for another key")
+            return cert, cipher
+
+        renewal_of = None
+        if msg.message_type == scep.MessageType.RenewalReq:
+            renewal_of = self._check_renewal(msg)
+        if renewal_of is not None and self.renewal_without_auth and credentials is None:
+            identity = Identity(user=renewal_of.user, method="renewal")
+        else:
+            identity = await self._authenticate(credentials, csr, client, secure)
+        if renewal_of is not None and identity.user != renewal_of.user:
+            raise ScepFailure(FailInfo.badRequest, "a renewal must be made by the holder of the certificate")
+
+        waiters = self._in_flight[msg.transaction_id] = []
+        try:
+            cert = await self._issue(identity, public_key, msg.transaction_id, client)
+        except BaseException as e:
+            for w in waiters:
+                w.errback(e)
+            raise
+        finally:
+            del self._in_flight[msg.transaction_id]
+        for w in waiters:
+            w.callback(cert)
+        return cert, cipher
+
+    def _check_renewal(self, msg):
+        """The RenewalReq signer must be a certificate of ours, unexpired and not revoked."""
+        old = msg.signer_cert
+        if old.issuer != self.ca.certificate.subject:
+            raise ScepFailure(FailInfo.badMessageCheck, "a renewal must be signed with a certificate issued by this CA")
+        try:
+            old.verify_directly_issued_by(self.ca.certificate)
+        except (ValueError, TypeError, Exception):  # InvalidSignature and friends
+            raise ScepFailure(FailInfo.badMessageCheck, "the renewal signer certificate was not issued by this CA")
+        now = self.now()
+        if not (old.not_valid_before_utc <= now <= old.not_valid_after_utc):
+            raise ScepFailure(FailInfo.badTime, "the certificate being renewed has expired")
+        record = self.log.get(old.serial_number)
+        if record is None:
+            raise ScepFailure(FailInfo.badCertId, "the certificate being renewed is not in the issuance log")
+        if record.revoked_at is not None:
+            raise ScepFailure(FailInfo.badCertId, "the certificate being renewed was revoked")
+        return record
+
+    async def _authenticate(self, credentials, csr, client, secure) -> Identity:
+        now = self.clock.seconds()
+        if credentials is not None:
+            state = None
+            if credentials.token:
+                state = self.challenges.take(credentials.token, credentials.user, now)
+                if state is None:
+                    raise AuthenticationRequired()  # expired or unknown continuation: start over
+            result = await self.authenticator.authenticate(credentials.user, credentials.password, state, client)
+            if isinstance(result, Accept):
+                self._count("auth", self.authenticator.name, "accept")
+                return result.identity
+            if isinstance(result, Challenge):
+                self._count("auth", self.authenticator.name, "challenge")
+                token = secrets.token_urlsafe(24)
+                self.challenges.put(token, credentials.user, result.state, now)
+                raise AuthenticationRequired(result.message, token)
+            self._count("auth", self.authenticator.name, "reject")
+            log.info("authentication failed for a PKIOperation from {client}", client=client)
+            raise AuthenticationRequired()
+
+        password = scep.challenge_password(csr)
+        if password is None:
+            if not secure:
+                raise ScepFailure(FailInfo.badRequest, "a challengePassword is required (HTTP authentication "
+                                                       "is only accepted over HTTPS)")
+            raise AuthenticationRequired()
+        user = self._challenge_user(csr)
+        try:
+            result = await self.authenticator.authenticate(user, password.encode("utf-8"), None, client)
+        except AuthUnavailable:
+            raise ScepFailure(FailInfo.badRequest, "the authentication service is unavailable; try again later")
+        if isinstance(result, Accept):
+            self._count("auth", self.authenticator.name, "accept")
+            return Identity(user=result.identity.user, method="challengePassword",
+                            session_timeout=result.identity.session_timeout,
+                            profile_hint=result.identity.profile_hint, attributes=result.identity.attributes)
+        self._count("auth", self.authenticator.name, "reject")
+        log.info("challengePassword authentication failed for a request from {client}", client=client)
+        raise ScepFailure(FailInfo.badRequest, "authentication failed")
+
+    def _challenge_user(self, csr) -> str:
+        if self.challenge_user == "email":
+            try:
+                for san in csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value \
+                        .get_values_for_type(x509.RFC822Name):
+                    return san
+            except x509.ExtensionNotFound:
+                pass
+            values = csr.subject.get_attributes_for_oid(x509.NameOID.EMAIL_ADDRESS)
+        else:
+            values = csr.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        if not values:
+            raise ScepFailure(FailInfo.badRequest, f"the CSR subject has no {self.challenge_user.upper()} to name the user")
+        return str(values[0].value)
+
+    async def _issue(self, identity, public_key, transaction_id, client):
+        now = self.now()
+        since = int(self.clock.seconds()) - 3600
+        decision = self.policy.decide(
+            identity, public_key, now, self.ca.not_after(),
+            valid_count=len(self.log.valid_for_user(identity.user, int(self.clock.seconds()))),
+            issued_last_hour=self.log.count_issued_since(identity.user, since))
+        serial = self._new_serial()
+        cert = await self.run_crypto(self.ca.issue, public_key, decision.subject, decision.san, decision.not_before,
+                                     decision.not_after, serial, decision.eku, self.crl_url)
+        record = Record.from_certificate(cert, user=identity.user, profile=decision.profile,
+                                         key_type=decision.key_type, transaction_id=transaction_id, client=client,
+                                         auth_method=identity.method, issued_at=int(self.clock.seconds()))
+        await self.journal.append_issue(record, cert)  # StorageUnavailable: 503, nothing leaves the server
+        self.log.add(record, cert)
+        self._count("issued", decision.profile)
+        log.info("issued serial {serial:x} to {user!r} ({profile}, until {until}) for {client}", serial=serial,
+                 user=identity.user, profile=decision.profile, until=decision.not_after.isoformat(), client=client)
+        return cert
+
+    def _new_serial(self) -> int:
+        while True:
+            serial = random_serial()
+            if self.log.get(serial) is None:
+                return serial
+
+    async def _poll(self, msg):
+        """CertPoll: the certificate issued for this transactionID (automatic mode never leaves one pending)."""
+        _content, cipher = await self._decrypt(msg)
+        record = self.log.by_transaction(msg.transaction_id)
+        cert = self.log.certificate(record.serial) if record is not None else None
+        if cert is None:
+            raise ScepFailure(FailInfo.badCertId, "no certificate is known for this transactionID")
+        return cert, cipher
+
+    async def _get_cert(self, msg):
+        content, cipher = await self._decrypt(msg)
+        issuer, serial = scep.parse_issuer_and_serial(content)
+        cert = self.log.certificate(serial) if issuer == self.ca.certificate.subject else None
+        if cert is None:
+            raise ScepFailure(FailInfo.badCertId, f"no certificate of this CA with serial {serial:x} is known")
+        return cert, cipher
+
+    async def _get_crl(self, msg):
+        content, cipher = await self._decrypt(msg)
+        issuer, _serial = scep.parse_issuer_and_serial(content)
+        if issuer != self.ca.certificate.subject or self.crl is None:
+            raise ScepFailure(FailInfo.badCertId, "no CRL is published for that issuer")
+        crl = x509.load_der_x509_crl(self.crl.der)
+        return await self._reply(msg, scep.PkiStatus.SUCCESS, content=scep.degenerate_pkcs7([], [crl]),
+                                 cipher=cipher)

@@ -1,0 +1,169 @@
+"""Key material in state_dir: loaded or generated at start. Called only from the composition root (tap.py).
+
+state_dir is 0700 and key files 0600; the appliance refuses to start with a CA or RA key that others can read.
+"""
+import datetime
+import os
+import stat
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from getcertd.ca import (CertificateAuthority, cert_pem, fingerprint, generate_key, key_pem, make_ca_certificate)
+from getcertd.errors import ConfigError
+from getcertd.local import parse_users
+
+RA_LIFETIME = datetime.timedelta(days=365)
+TLS_LIFETIME = datetime.timedelta(days=90)
+RENEW_BEFORE = datetime.timedelta(days=14)
+
+
+def ensure_state_dir(path: str) -> None:
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.stat(path)
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(path, 0o700)
+
+
+def write_private(path: str, data: bytes) -> None:
+    """Write a file readable by its owner only, atomically."""
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def write_public(path: str, data: bytes) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def load_key(path: str, what: str, passphrase=None, check_mode=True):
+    try:
+        st = os.stat(path)
+        if check_mode and stat.S_IMODE(st.st_mode) & 0o077:
+            raise ConfigError(f"{what} {path} is readable by others (mode {stat.S_IMODE(st.st_mode):o}); "
+                              f"run: chmod 600 {path}")
+        with open(path, "rb") as f:
+            return serialization.load_pem_private_key(f.read(), passphrase)
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError(f"{what} {path}: {e}") from None
+
+
+def load_cert(path: str, what: str) -> x509.Certificate:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        return x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data else x509.load_der_x509_certificate(data)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{what} {path}: {e}") from None
+
+
+def load_cert_chain(path: str, what: str):
+    try:
+        with open(path, "rb") as f:
+            return x509.load_pem_x509_certificates(f.read())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{what} {path}: {e}") from None
+
+
+def _same_public_key(key, cert) -> bool:
+    fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return key.public_key().public_bytes(*fmt) == cert.public_key().public_bytes(*fmt)
+
+
+def load_or_create_ca(config, now: datetime.datetime, log) -> CertificateAuthority:
+    if config.ca_certificate:
+        key = load_key(config.ca_key, "[ca] key")
+        cert = load_cert(config.ca_certificate, "[ca] certificate")
+    else:
+        key_path = os.path.join(config.state_dir, "ca.key")
+        cert_path = os.path.join(config.state_dir, "ca.pem")
+        if os.path.exists(key_path):
+            key = load_key(key_path, "CA key")
+            cert = load_cert(cert_path, "CA certificate")
+        else:
+            key = generate_key(config.ca_key_type)
+            cert = make_ca_certificate(key, config.ca_subject, now, datetime.timedelta(seconds=config.ca_lifetime))
+            write_private(key_path, key_pem(key))
+            write_public(cert_path, cert_pem(cert))
+            log.info("generated a new CA {subject} in {dir}", subject=cert.subject.rfc4514_string(),
+                     dir=config.state_dir)
+    if not _same_public_key(key, cert):
+        raise ConfigError("the CA key does not match the CA certificate")
+    log.info("CA {subject}, SHA-256 fingerprint {fp}", subject=cert.subject.rfc4514_string(), fp=fingerprint(cert))
+    return CertificateAuthority(key, cert)
+
+
+def _load_or_issue(state_dir, name, now, ca, make_key, issue, still_good):
+    key_path = os.path.join(state_dir, name + ".key")
+    cert_path = os.path.join(state_dir, name + ".pem")
+    if os.path.exists(key_path) and os.path.exists(cert_path):
+        key = load_key(key_path, name + " key")
+        cert = load_cert(cert_path, name + " certificate")
+        if (_same_public_key(key, cert) and cert.issuer == ca.certificate.subject
+                and cert.not_valid_after_utc - RENEW_BEFORE > now and still_good(cert)):
+            try:
+                cert.verify_directly_issued_by(ca.certificate)
+                return key, cert
+            except Exception:
+                pass
+    else:
+        key = make_key()
+    cert = issue(key)
+    write_private(key_path, key_pem(key))
+    write_public(cert_path, cert_pem(cert))
+    return key, cert
+
+
+def load_or_create_ra(config, ca: CertificateAuthority, now: datetime.datetime):
+    """The RA key (always RSA-2048: SCEP clients encrypt to it with RSA key transport) and its certificate."""
+    return _load_or_issue(config.state_dir, "ra", now, ca, lambda: generate_key("rsa2048"),
+                          lambda key: ca.issue_ra(key, now, RA_LIFETIME), lambda cert: True)
+
+
+def load_or_create_tls(config, ca: CertificateAuthority, now: datetime.datetime):
+    """(key, certificate, chain): the configured PEM files, or a certificate from our CA for server_name."""
+    if config.https_certificate:
+        chain = load_cert_chain(config.https_certificate, "[https] certificate")
+        key = load_key(config.https_key, "[https] key")
+        if not chain or not _same_public_key(key, chain[0]):
+            raise ConfigError("[https] key does not match [https] certificate")
+        return key, chain[0], chain[1:]
+
+    def names_match(cert):
+        return cert.subject.rfc4514_string() == f"CN={config.server_name}"
+    key, cert = _load_or_issue(config.state_dir, "tls", now, ca, lambda: generate_key("ec-p256"),
+                               lambda key: ca.issue_tls(key, config.server_name, now, TLS_LIFETIME), names_match)
+    return key, cert, [ca.certificate]
+
+
+def users_loader(path: str):
+    """A function returning the users file's accounts, re-read when the file changes (mtime/size/inode)."""
+    cache = {"sig": None, "users": {}}
+
+    def load():
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return {}
+        sig = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if sig != cache["sig"]:
+            with open(path, encoding="utf-8") as f:
+                try:
+                    cache["users"] = parse_users(f.read())
+                except ValueError as e:
+                    raise ConfigError(f"{path}: {e}") from None
+            cache["sig"] = sig
+        return cache["users"]
+    return load

@@ -1,0 +1,171 @@
+"""The composition root: `twistd getcertd --config FILE`.
+
+Options check their input in postOptions; makeService reads the files, builds every part and names each
+child service. Nothing listens until the MultiService starts.
+"""
+import datetime
+import os
+
+from OpenSSL import crypto as _crypto
+from cryptography.hazmat.primitives import serialization
+from twisted.application import service, strports
+from twisted.internet import ssl
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
+
+from getcertd import scep
+from getcertd.auth import ChallengeStore
+from getcertd.ca import fingerprint
+from getcertd.config import parse_config
+from getcertd.enroll import EnrollmentService
+from getcertd.errors import ConfigError
+from getcertd.local import LocalAuthenticator
+from getcertd.policy import Policy
+from getcertd import state, web
+
+log = Logger()
+
+
+class Options(usage.Options):
+    optParameters = [["config", "c", "/etc/getcertd/getcertd.ini", "the INI configuration file"]]
+
+    def postOptions(self):
+        path = self["config"]
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise usage.UsageError(f"can't read the configuration {path}: {e.strerror}")
+
+        def read_file(p):
+            with open(p, "rb") as f:
+                return f.read()
+        try:
+            self.config = parse_config(text, source=path, read_file=read_file)
+        except (ConfigError, OSError) as e:
+            raise usage.UsageError(str(e))
+
+
+class CaMaterial:
+    """What GetCACert and GetCACertChain return, built once."""
+
+    def __init__(self, ca_cert, ra_cert=None):
+        der = lambda c: c.public_bytes(serialization.Encoding.DER)  # noqa: E731
+        if ra_cert is not None:
+            self.ca_cert_type = b"application/x-x509-ca-ra-cert"
+            self.ca_cert_body = scep.degenerate_pkcs7([ra_cert, ca_cert])
+        else:
+            self.ca_cert_type = b"application/x-x509-ca-cert"
+            self.ca_cert_body = der(ca_cert)
+        self.chain_body = scep.degenerate_pkcs7([c for c in (ra_cert, ca_cert) if c is not None])
+
+
+def caps_for(config) -> bytes:
+    """GetCACaps: what is actually enabled. SHA-384 is listed because strongSwan 5.9.8 accepts AES only then."""
+    caps = ["POSTPKIOperation", "SCEPStandard", "Renewal", "AES", "DES3", "SHA-1", "SHA-256", "SHA-384", "SHA-512"]
+    return "\n".join(caps).encode() + b"\n"
+
+
+def tls_options(key, cert, chain):
+    """TLS 1.2+ with ECDHE and AEAD ciphers only; the CA certificate is sent along for fingerprint pinning."""
+    return ssl.CertificateOptions(
+        privateKey=_crypto.PKey.from_cryptography_key(key),
+        certificate=_crypto.X509.from_cryptography(cert),
+        extraCertChain=[_crypto.X509.from_cryptography(c) for c in chain],
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(
+            "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:"
+            "ECDHE-RSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256"))
+
+
+def makeService(options, reactor=None):
+    if reactor is None:
+        from twisted.internet import reactor
+    config = options.config if hasattr(options, "config") else options["config"]
+    now = datetime.datetime.fromtimestamp(reactor.seconds(), datetime.timezone.utc)
+    try:
+        return _make(config, reactor, now)
+    except ConfigError as e:
+        raise usage.UsageError(str(e))
+
+
+def _make(config, reactor, now):
+    from getcertd.issuance import IssuanceLog
+    from getcertd.journal import Journal, replay
+
+    state.ensure_state_dir(config.state_dir)
+    ca = state.load_or_create_ca(config, now, log)
+    if config.ra:
+        ra_key, ra_cert = state.load_or_create_ra(config, ca, now)
+    else:
+        ra_key, ra_cert = ca.key, None
+    tls_key, tls_cert, tls_chain = state.load_or_create_tls(config, ca, now)
+
+    top = service.MultiService()
+    issuance_log = IssuanceLog()
+    journal_path = os.path.join(config.state_dir, "journal")
+    count = replay(journal_path, issuance_log)
+    log.info("issuance log: {count} records replayed from {path}", count=count, path=journal_path)
+    journal = Journal(journal_path, reactor)
+
+    if config.auth_backend == "local":
+        authenticator = LocalAuthenticator(state.users_loader(config.users_file), reactor)
+    else:
+        from getcertd import radius
+        proto = radius.RadiusClientProtocol(radius.settings_from_config(config.radius), reactor)
+        authenticator = radius.RadiusAuthenticator(proto)
+        udp = radius.listener_service(proto)
+        udp.setName("radius")
+        udp.setServiceParent(top)
+
+    policy = Policy(profiles=config.profiles, default_profile=config.default_profile,
+                    profile_map=config.profile_map, skew=config.skew, max_valid_per_user=config.max_valid_per_user,
+                    max_per_user_per_hour=config.max_per_user_per_hour)
+    enrollment = EnrollmentService(
+        ca=ca, signer_key=ra_key, signer_cert=ra_cert or ca.certificate, policy=policy,
+        issuance_log=issuance_log, journal=journal, authenticator=authenticator, clock=reactor,
+        allow_legacy_des=config.allow_legacy_des, renewal_without_auth=config.renewal_without_auth,
+        challenge_user=config.challenge_user, crl=None, crl_url=config.crl_url or None,
+        challenges=ChallengeStore())
+
+    material = CaMaterial(ca.certificate, ra_cert)
+    caps = caps_for(config)
+    port = config.https_listen.split(":")[1] if ":" in config.https_listen else "8443"
+    scep_url = f"https://{config.server_name}:{port}{config.scep_paths[-1]}"
+    page = web.landing_page(ca.certificate.subject.rfc4514_string(), fingerprint(ca.certificate), scep_url,
+                            f"getcert enroll --url {scep_url} --user USER --ca-fingerprint sha256:"
+                            + fingerprint(ca.certificate).replace(":", "").lower() + " --out DIR")
+
+    def site(secure):
+        root = web.Root(page if secure else b"")
+        for path in config.scep_paths:
+            web.add_path(root, path, web.ScepResource(enrollment, material, secure, caps))
+        return web.Site(root)
+
+    https = strports.service(config.https_listen,
+                             TLSMemoryBIOFactory(tls_options(tls_key, tls_cert, tls_chain), False, site(True)))
+    https.setName("https")
+    https.setServiceParent(top)
+    if config.http_listen:
+        http = strports.service(config.http_listen, site(False))
+        http.setName("http")
+        http.setServiceParent(top)
+    journal_service = JournalService(journal)
+    journal_service.setName("journal")
+    journal_service.setServiceParent(top)
+    log.info("SCEP at {url}", url=scep_url)
+    top.enrollment = enrollment
+    top.issuance_log = issuance_log
+    return top
+
+
+class JournalService(service.Service):
+    """Flushes and closes the journal on shutdown (SIGTERM): in-flight records are on disk before exit."""
+
+    def __init__(self, journal):
+        self.journal = journal
+
+    def stopService(self):
+        super().stopService()
+        return self.journal.close()

@@ -1,0 +1,81 @@
+"""getcertd-users: manage the local accounts file (salted scrypt hashes)."""
+import argparse
+import getpass
+import os
+import sys
+import tempfile
+
+from getcertd.local import format_users, hash_password, parse_users
+from getcertd.policy import MAX_USER_LENGTH
+
+
+def _read(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return parse_users(f.read())
+    except FileNotFoundError:
+        return {}
+
+
+def _write(path, users):
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".users-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(format_users(users))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _password():
+    if sys.stdin.isatty():
+        first = getpass.getpass("Password: ")
+        if first != getpass.getpass("Again: "):
+            raise SystemExit("getcertd-users: the passwords differ")
+        return first
+    line = sys.stdin.readline()
+    return line[:-1] if line.endswith("\n") else line
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="getcertd-users", description=__doc__)
+    ap.add_argument("--file", required=True, help="the users file named by [auth] users")
+    sub = ap.add_subparsers(dest="command", required=True)
+    add = sub.add_parser("add", help="add a user or change a password (read from standard input when not a terminal)")
+    add.add_argument("user")
+    rm = sub.add_parser("remove", help="remove a user")
+    rm.add_argument("user")
+    sub.add_parser("list", help="list the users")
+    args = ap.parse_args(argv)
+    try:
+        users = _read(args.file)
+    except ValueError as e:
+        raise SystemExit(f"getcertd-users: {args.file}: {e}")
+    if args.command == "list":
+        for user in sorted(users):
+            print(user)
+        return 0
+    user = args.user
+    if args.command == "remove":
+        if users.pop(user, None) is None:
+            raise SystemExit(f"getcertd-users: no user {user!r}")
+        _write(args.file, users)
+        return 0
+    if not user or len(user) > MAX_USER_LENGTH or any(ord(c) < 0x20 or ord(c) == 0x7F for c in user) \
+            or user.startswith("#") or user != user.strip():
+        raise SystemExit(f"getcertd-users: user names are 1 to {MAX_USER_LENGTH} printable characters")
+    password = _password()
+    if not password:
+        raise SystemExit("getcertd-users: empty password")
+    users[user] = hash_password(password.encode("utf-8"))
+    _write(args.file, users)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""The HTTP edge: SCEP resources on twisted.web, and the one place where errors become HTTP answers.
+
+The HTTP layer never sees ASN.1: it moves bytes between the request and the enrollment service.
+"""
+import base64
+import binascii
+import html
+from typing import Optional
+from urllib.parse import parse_qsl, unquote
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import resource, server
+
+from getcertd.enroll import Credentials
+from getcertd.errors import (AuthenticationRequired, AuthUnavailable, MalformedRequest, StorageUnavailable)
+
+log = Logger()
+
+MAX_MESSAGE = 2 * 1024 * 1024  # request bodies and query strings
+REALM = "getcertd"
+CHALLENGE_HEADER = b"Getcertd-Challenge"
+
+
+class HttpError(Exception):
+    """An HTTP answer decided at the edge (e.g. 403 for Basic over plain HTTP)."""
+
+    def __init__(self, code: int, text: str):
+        super().__init__(text)
+        self.code = code
+        self.text = text
+
+
+def _plain(request, code: int, text: str) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+    request.setHeader(b"Cache-Control", b"no-store")
+    return text.encode("utf-8") + b"\n"
+
+
+def answer_error(request, failure: Failure) -> bytes:
+    """Map a typed error to an HTTP answer: the one place this happens. Never a traceback to the client."""
+    e = failure.value
+    if isinstance(e, MalformedRequest):
+        return _plain(request, 400, f"bad request: {e}")
+    if isinstance(e, HttpError):
+        return _plain(request, e.code, e.text)
+    if isinstance(e, AuthenticationRequired):
+        request.setHeader(b"WWW-Authenticate", f'Basic realm="{REALM}", charset="UTF-8"'.encode())
+        if e.token:
+            request.setHeader(CHALLENGE_HEADER, e.token.encode("ascii"))
+            return _plain(request, 401, e.message)
+        return _plain(request, 401, "authentication required")
+    if isinstance(e, AuthUnavailable):
+        request.setHeader(b"Retry-After", b"30")
+        return _plain(request, 503, "the authentication service is unavailable; try again later")
+    if isinstance(e, StorageUnavailable):
+        request.setHeader(b"Retry-After", b"10")
+        return _plain(request, 503, "issuance is suspended: the issuance log can't be written; try again later")
+    log.failure("unexpected error answering {uri}", failure, uri=request.uri)
+    return _plain(request, 500, "internal error")
+
+
+def _finish(request, body: bytes):
+    if not request.finished and not getattr(request, "_disconnected", False):
+        request.write(body)
+        request.finish()
+
+
+def parse_basic(header: Optional[bytes]) -> Optional[tuple]:
+    """(user, password bytes) from an Authorization: Basic header, or None if absent."""
+    if not header:
+        return None
+    scheme, _, value = header.strip().partition(b" ")
+    if scheme.lower() != b"basic":
+        raise HttpError(401, "only Basic authentication is supported")
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True)
+        user, sep, password = decoded.partition(b":")
+        if not sep:
+            raise ValueError
+        return user.decode("utf-8"), password
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        raise HttpError(400, "bad request: malformed Basic credentials") from None
+
+
+def decode_message(raw: bytes) -> bytes:
+    """A PKIOperation message from a GET query value or a POST body: DER, or base64 of DER.
+
+    Tolerates the unescaped '+' and '/' that many clients leave in the query (a '+' that was turned into a
+    space is turned back), percent-escapes, line breaks and missing padding.
+    """
+    if raw[:1] == b"\x30":
+        return raw
+    text = b"".join(raw.replace(b" ", b"+").split())
+    text = text.replace(b"-", b"+").replace(b"_", b"/")
+    text += b"=" * (-len(text) % 4)
+    try:
+        der = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise MalformedRequest("the message is neither DER nor base64") from None
+    if der[:1] != b"\x30":
+        raise MalformedRequest("the message is not a DER-encoded CMS structure")
+    return der
+
+
+def query_message(uri: bytes) -> Optional[bytes]:
+    """The raw ``message`` value of the query string, percent-decoded but with '+' kept as '+'."""
+    _, _, query = uri.partition(b"?")
+    for part in query.split(b"&"):
+        name, _, value = part.partition(b"=")
+        if name == b"message":
+            return unquote(value.decode("latin-1")).encode("latin-1")
+    return None
+
+
+def _operation(request) -> str:
+    _, _, query = request.uri.partition(b"?")
+    for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+        if name == "operation":
+            return value
+    return ""
+
+
+class ScepResource(resource.Resource):
+    """One PKI-PATH (e.g. /cgi-bin/pkiclient.exe): GetCACaps, GetCACert, GetCACertChain, PKIOperation."""
+    isLeaf = True
+
+    def __init__(self, service, ca_material, secure: bool, caps: bytes):
+        super().__init__()
+        self.service = service
+        self.ca = ca_material  # .ca_cert_body, .ca_cert_type, .chain_body
+        self.secure = secure
+        self.caps = caps
+
+    def render_GET(self, request):
+        return self._render(request, None)
+
+    def render_POST(self, request):
+        length = request.content.seek(0, 2)
+        if length > MAX_MESSAGE:
+            return _plain(request, 413, f"request body too large (limit {MAX_MESSAGE} bytes)")
+        request.content.seek(0)
+        return self._render(request, request.content.read())
+
+    def _render(self, request, body):
+        if len(request.uri) > MAX_MESSAGE:
+            return _plain(request, 414, "request URI too long")
+        op = _operation(request)
+        if op == "GetCACaps":
+            request.setHeader(b"Content-Type", b"text/plain")
+            return self.caps
+        if op == "GetCACert":
+            request.setHeader(b"Content-Type", self.ca.ca_cert_type)
+            return self.ca.ca_cert_body
+        if op == "GetCACertChain":
+            request.setHeader(b"Content-Type", b"application/x-x509-ca-ra-cert-chain")
+            return self.ca.chain_body
+        if op == "PKIOperation":
+            return self._pki_operation(request, body)
+        if not op:
+            return _plain(request, 400, "bad request: no operation= parameter")
+        return _plain(request, 400, f"bad request: unsupported operation {op[:40]!r}")
+
+    def _pki_operation(self, request, body):
+        try:
+            if body is None:
+                raw = query_message(request.uri)
+                if raw is None:
+                    raise MalformedRequest("PKIOperation by GET needs a message= parameter")
+            else:
+                raw = body
+            der = decode_message(raw)
+            credentials = None
+            basic = parse_basic(request.getHeader(b"Authorization"))
+            if basic is not None:
+                if not self.secure:
+                    raise HttpError(403, "HTTP authentication is refused over plain HTTP; use HTTPS")
+                token = request.getHeader(CHALLENGE_HEADER) or ""
+                credentials = Credentials(basic[0], basic[1], token.strip()[:200] if token else "")
+            client = request.getClientAddress()
+            client = getattr(client, "host", str(client))
+        except Exception:
+            return answer_error(request, Failure())
+
+        d = defer.maybeDeferred(self.service.pki_operation, der, credentials, client, self.secure)
+
+        def done(reply):
+            request.setHeader(b"Content-Type", b"application/x-pki-message")
+            return reply
+        d.addCallbacks(done, lambda f: answer_error(request, f))
+        d.addCallback(lambda body: _finish(request, body))
+        d.addErrback(lambda f: log.failure("writing a PKIOperation answer", f))
+        request.notifyFinish().addErrback(lambda _: setattr(request, "_disconnected", True))
+        return server.NOT_DONE_YET
+
+
+def landing_page(ca_subject: str, fingerprint: str, scep_url: str, enroll_line: str) -> bytes:
+    """The small HTML page at / (the draft uses HTML as a data representation)."""
+    e = html.escape
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>getcertd</title>
+<style>body{{font-family:sans-serif;max-width:46em;margin:2em auto;line-height:1.5}}code{{background:#eee;padding:0 .2em}}</style>
+</head><body>
+<h1>getcertd certificate enrollment</h1>
+<p>CA: <code id="ca-subject">{e(ca_subject)}</code></p>
+<p>SHA-256 fingerprint: <code id="ca-fingerprint">{e(fingerprint)}</code></p>
+<p>SCEP URL: <code id="scep-url">{e(scep_url)}</code></p>
+<p>Enroll: <code id="enroll">{e(enroll_line)}</code></p>
+</body></html>
+""".encode()
+
+
+class Root(resource.Resource):
+    """The site root: the SCEP paths, and later CA downloads, the CRL and the landing page."""
+
+    def __init__(self, page: bytes = b""):
+        super().__init__()
+        self.page = page
+
+    def getChild(self, path, request):
+        if path == b"" and request.postpath == [] and self.page:
+            return self
+        return resource.NoResource("no such resource")
+
+    def render_GET(self, request):
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        return self.page
+
+
+def add_path(root: resource.Resource, path: str, leaf: resource.Resource) -> None:
+    """Mount ``leaf`` at an absolute path such as /cgi-bin/pkiclient.exe, creating intermediate nodes."""
+    parts = [p.encode() for p in path.strip("/").split("/")]
+    node = root
+    for part in parts[:-1]:
+        child = node.children.get(part)
+        if child is None:
+            child = resource.Resource()
+            node.putChild(part, child)
+        node = child
+    node.putChild(parts[-1], leaf)
+
+
+class Site(server.Site):
+    """No tracebacks to clients, and no access log lines carrying query strings (they may hold secrets)."""
+    displayTracebacks = False
+
+    def log(self, request):
+        pass
