@@ -313,7 +313,7 @@ class RadiusSettings:
     ``nas_ip_address`` (optional) is sent as NAS-IP-Address or NAS-IPv6-Address.
     """
     servers: Tuple[Tuple[str, int], ...]
-    secret: bytes
+    secret: bytes = field(repr=False)  # never in logs
     timeout: float = 3.0
     retries: int = 2
     nas_identifier: str = "getcertd"

@@ -191,6 +191,7 @@ def test_settings_defaults_and_validation():
     assert (s.timeout, s.retries, s.nas_identifier, s.require_message_authenticator, s.dead_time,
             s.profile_attribute, s.nas_ip_address) == (3.0, 2, "getcertd", True, 30.0, "Class", None)
     assert s.servers == (("127.0.0.1", 1812),)
+    assert "secret" not in repr(RadiusSettings(servers=(A,), secret=b"very-secret"))
     assert s.listen_interface == "0.0.0.0"
     assert RadiusSettings(servers=(("0::1", 1812),), secret=b"s").listen_interface == "::"
     for bad in [dict(servers=()), dict(servers=(("radius.example", 1812),)),
