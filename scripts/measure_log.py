@@ -1,0 +1,142 @@
+#!/usr/bin/env python
+"""Measure the issuance log, journal replay and CRL building (numbers for the design targets).
+
+    .venv/bin/python scripts/measure_log.py [--records 100000,1000000] [--crl 10000,100000] [--replay 200000]
+
+Targets: <= 1 KiB of memory per record at 1,000,000 records; replay >= 200,000 records/s;
+a CRL with 100,000 entries built in <= 1 s. Prints one line per measurement (and JSON with --json).
+"""
+import argparse
+import datetime
+import gc
+import hashlib
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+import tracemalloc
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from cryptography import x509  # noqa: E402
+from cryptography.hazmat.primitives import hashes  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec, rsa  # noqa: E402
+from cryptography.x509.oid import NameOID  # noqa: E402
+
+from getcertd.crl import build_crl  # noqa: E402
+from getcertd.issuance import IssuanceLog, Record  # noqa: E402
+from getcertd.journal import encode_event, issue_event, replay, revoke_event  # noqa: E402
+
+T0 = 1_780_000_000
+
+
+def make_records(n, users, rnd):
+    """Records like a busy appliance's: 8-hour certificates, ``users`` distinct users, one every 2 s."""
+    for i in range(n):
+        user = f"user{i % users:07d}"
+        now = T0 + i * 2
+        yield Record(rnd.getrandbits(127) | 1, user, "vpn", f"CN={user},OU=VPN Users,O=Example Corp",
+                     f"email:{user}@example.com", "ec-p256", now - 300, now + 8 * 3600,
+                     hashlib.sha256(i.to_bytes(8, "big")).hexdigest().upper(),
+                     f"198.51.{(i >> 8) & 255}.{i & 255}", "radius-pap", now, offset=i * 1700)
+
+
+def memory_per_record(n, users):
+    rnd = random.Random(1)
+    gc.collect()
+    tracemalloc.start()
+    log = IssuanceLog()
+    before = tracemalloc.get_traced_memory()[0]
+    for record in make_records(n, users, rnd):
+        log.add(record)
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert len(log) == n
+    return (after - before) / n
+
+
+def make_ca(kind="ec"):
+    key = ec.generate_private_key(ec.SECP256R1()) if kind == "ec" else rsa.generate_private_key(65537, 2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Measure CA")])
+    now = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256()))
+    return key, cert
+
+
+def replay_rate(n, users):
+    key, cert = make_ca("rsa")  # an RSA-2048-signed certificate, about 1 KB of DER per line, as a worst case
+    der = cert.public_bytes(__import__("cryptography.hazmat.primitives.serialization",
+                                       fromlist=["Encoding"]).Encoding.DER)
+    rnd = random.Random(2)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "journal")
+        with open(path, "wb") as f:
+            for i, record in enumerate(make_records(n, users, rnd)):
+                f.write(encode_event(issue_event(record, der)))
+                if i % 100 == 0:
+                    f.write(encode_event(revoke_event(record.serial, 1, record.issued_at + 60)))
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:  # warm the page cache: measure parsing, not the disk
+            while f.read(1 << 24):
+                pass
+        best = None
+        for _ in range(3):
+            log = IssuanceLog()
+            gc.collect()
+            t = time.perf_counter()
+            count = replay(path, log)
+            elapsed = time.perf_counter() - t
+            best = elapsed if best is None else min(best, elapsed)
+            del log
+        return n / best, count, size / n, len(der)
+
+
+def crl_time(n, kind):
+    key, cert = make_ca(kind)
+    rnd = random.Random(3)
+    revoked = [(rnd.getrandbits(127) | 1, T0 + i, (1, 4, 5, 0)[i % 4]) for i in range(n)]
+    this_update = datetime.datetime.fromtimestamp(T0 + n, datetime.timezone.utc)
+    t = time.perf_counter()
+    der = build_crl(key, cert, revoked, 7, this_update, this_update + datetime.timedelta(days=1))
+    elapsed = time.perf_counter() - t
+    crl = x509.load_der_x509_crl(der)
+    assert len(crl) == n and crl.is_signature_valid(key.public_key())
+    return elapsed, len(der)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--records", default="100000,1000000", help="memory: record counts (comma-separated)")
+    p.add_argument("--users", type=int, default=0, help="distinct users (0: one per record, the worst case)")
+    p.add_argument("--replay", type=int, default=200000, help="replay: journal records")
+    p.add_argument("--crl", default="10000,100000", help="CRL: entry counts")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args()
+    results = {}
+    for n in [int(x) for x in a.records.split(",") if x]:
+        for users in ([a.users] if a.users else [n, max(n // 50, 1)]):
+            b = memory_per_record(n, users)
+            results[f"memory_bytes_per_record_{n}_records_{users}_users"] = round(b, 1)
+            print(f"memory: {n:>9,} records, {users:>9,} users: {b:7.1f} bytes/record (tracemalloc)", flush=True)
+    if a.replay:
+        rate, count, line, der = replay_rate(a.replay, max(a.replay // 50, 1))
+        results["replay_records_per_second"] = round(rate)
+        print(f"replay: {a.replay:,} issue + {count - a.replay:,} revoke events, {line:.0f} bytes/line "
+              f"({der} B DER): {rate:,.0f} records/s", flush=True)
+    for n in [int(x) for x in a.crl.split(",") if x]:
+        for kind in ("ec", "rsa"):
+            elapsed, size = crl_time(n, kind)
+            results[f"crl_build_seconds_{n}_{kind}"] = round(elapsed, 4)
+            print(f"crl: {n:>7,} entries, {kind:3} CA key: {elapsed:.3f} s, {size:,} bytes", flush=True)
+    if a.json:
+        print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

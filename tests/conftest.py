@@ -1,0 +1,19 @@
+import pytest
+
+from appliance import Appliance
+
+
+@pytest.fixture
+def appliance_factory(tmp_path):
+    """Start appliances in the test's temp dir; every process is stopped by pid at the end."""
+    started = []
+
+    def make(sections=None, users=None, http=False, name="a"):
+        d = tmp_path / name
+        d.mkdir()
+        app = Appliance(d, sections, users or {"alice": "alice-pass"}, http=http)
+        started.append(app)
+        return app.start()
+    yield make
+    for app in started:
+        app.stop()

@@ -1,0 +1,142 @@
+import datetime
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import NameOID
+
+from getcertd.auth import ChallengeStore, Identity
+from getcertd.config import ProfileConfig, parse_config, parse_duration
+from getcertd.errors import ConfigError, FailInfo, ScepFailure
+from getcertd.policy import Policy
+
+NOW = datetime.datetime(2026, 11, 27, 12, 0, tzinfo=datetime.timezone.utc)
+CA_END = NOW + datetime.timedelta(days=365)
+BASE = "[getcertd]\nstate_dir = /tmp/x\n[auth]\nusers = /tmp/users\n"
+
+
+def test_sample_config_parses_with_every_key():
+    cfg = parse_config(open("etc/getcertd.ini").read().replace("users =\n", "users = /tmp/u\n"), "etc/getcertd.ini")
+    assert cfg.scep_paths == ("/cgi-bin/pkiclient.exe", "/scep")
+    assert cfg.https_listen == "tcp:8443:interface=127.0.0.1"
+    assert cfg.ca_key_type == "rsa2048" and cfg.ra and not cfg.allow_legacy_des
+    assert cfg.profiles["default"].lifetime == 8 * 3600 and cfg.skew == 120
+    assert cfg.profiles["default"].eku == ("ipsecIKE", "clientAuth")
+
+
+@pytest.mark.parametrize("text,expected", [("90", 90), ("30s", 30), ("10m", 600), ("8h", 28800), ("2d", 172800)])
+def test_durations(text, expected):
+    assert parse_duration(text) == expected
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ("[nosuch]\n", "unknown section"),
+    ("[scep]\npath = /x\n", "unknown key 'path'"),
+    ("[ca]\nkey_type = dsa\n", "key_type"),
+    ("[scep]\nallow_legacy_des = maybe\n", "yes or no"),
+    ("[policy]\nlifetime = soon\n", "duration"),
+    ("[radius]\nsecret = x\n", "[radius] servers"),
+    ("[policy]\nprofile_map = gold=nosuch\n", "profile_map"),
+])
+def test_config_errors_name_the_key(extra, needle):
+    base = BASE.replace("users = /tmp/users", "backend = radius") if extra.startswith("[radius]") else BASE
+    with pytest.raises(ConfigError) as e:
+        parse_config(base + extra, "test.ini")
+    assert needle in str(e.value) and str(e.value).startswith("test.ini")
+
+
+def test_radius_and_profiles():
+    cfg = parse_config(BASE.replace("users = /tmp/users", "backend = radius") + "[radius]\nservers = 127.0.0.1:1812 [::1]:1813\n"
+                       "secret = s3cret\n[policy]\nprofile_map = ikev2-short=short\n[profile short]\nlifetime = 10m\n")
+    assert cfg.radius.servers == (("127.0.0.1", 1812), ("::1", 1813)) and cfg.radius.secret == b"s3cret"
+    assert cfg.profiles["short"].lifetime == 600 and cfg.profile_map == {"ikev2-short": "short"}
+
+
+def policy(**kw):
+    cfg = parse_config(BASE + "[policy]\nsan = email:{user}@example.com\nprofile_map = gold=short\n"
+                       "[profile short]\nlifetime = 10m\nsubject = CN={user}, OU=short, O=Example\n")
+    args = dict(profiles=cfg.profiles, profile_map=cfg.profile_map, skew=cfg.skew)
+    args.update(kw)
+    return Policy(**args)
+
+
+def rsa_key(bits=2048):
+    return rsa.generate_private_key(public_exponent=65537, key_size=bits).public_key()
+
+
+RSA = rsa_key()
+
+
+def test_subject_from_identity_template_and_lifetime():
+    d = policy().decide(Identity("alice", "local"), RSA, NOW, CA_END)
+    assert d.subject.rfc4514_string() == "CN=alice,OU=remote-access,O=getcertd"
+    assert d.san == (x509.RFC822Name("alice@example.com"),)
+    assert d.not_after - NOW == datetime.timedelta(hours=8)
+    assert NOW - d.not_before == datetime.timedelta(minutes=2)
+    assert d.key_type == "rsa2048" and d.profile == "default"
+
+
+def test_profile_by_hint_and_session_timeout_cap():
+    d = policy().decide(Identity("bob", "radius-pap", session_timeout=300, profile_hint="gold"), RSA, NOW, CA_END)
+    assert d.profile == "short" and d.not_after - NOW == datetime.timedelta(seconds=300)
+    assert d.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)[0].value == "short"
+
+
+def test_lifetime_never_beyond_ca():
+    d = policy().decide(Identity("alice", "local"), RSA, NOW, NOW + datetime.timedelta(minutes=5))
+    assert d.not_after == NOW + datetime.timedelta(minutes=5)
+
+
+@pytest.mark.parametrize("user", ["a,OU=admins", "x+CN=root", 'q"uote', "eq=ual", "back\\slash"])
+def test_hostile_names_stay_in_one_attribute(user):
+    p = Policy(profiles={"default": ProfileConfig("default", 3600, "CN={user}, O=Example", "", ())})
+    d = p.decide(Identity(user, "local"), RSA, NOW, CA_END)
+    assert len(d.subject.rdns) == 2
+    assert d.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == user
+
+
+@pytest.mark.parametrize("user", ["new\nline", "nul\x00", "x" * 65, ""])
+def test_control_characters_and_long_names_refused(user):
+    with pytest.raises(ScepFailure) as e:
+        policy().decide(Identity(user, "local"), RSA, NOW, CA_END)
+    assert e.value.fail_info == FailInfo.badRequest
+
+
+def test_san_injection_refused():
+    with pytest.raises(ScepFailure):
+        policy().decide(Identity("a b@evil.com", "local"), RSA, NOW, CA_END)
+
+
+@pytest.mark.parametrize("key,ok", [
+    (RSA, True), (rsa_key(1024), False), (ec.generate_private_key(ec.SECP256R1()).public_key(), True),
+    (ec.generate_private_key(ec.SECP384R1()).public_key(), True),
+    (ec.generate_private_key(ec.SECP521R1()).public_key(), False),
+    (ed25519.Ed25519PrivateKey.generate().public_key(), True)])
+def test_accepted_keys(key, ok):
+    if ok:
+        policy().decide(Identity("alice", "local"), key, NOW, CA_END)
+    else:
+        with pytest.raises(ScepFailure) as e:
+            policy().decide(Identity("alice", "local"), key, NOW, CA_END)
+        assert e.value.fail_info == FailInfo.badAlg and e.value.text
+
+
+def test_per_user_limits():
+    p = policy(max_valid_per_user=2, max_per_user_per_hour=3)
+    p.decide(Identity("alice", "local"), RSA, NOW, CA_END, valid_count=1, issued_last_hour=2)
+    with pytest.raises(ScepFailure, match="still valid"):
+        p.decide(Identity("alice", "local"), RSA, NOW, CA_END, valid_count=2)
+    with pytest.raises(ScepFailure, match="rate limit"):
+        p.decide(Identity("alice", "local"), RSA, NOW, CA_END, issued_last_hour=3)
+    policy(max_valid_per_user=0, max_per_user_per_hour=0).decide(
+        Identity("alice", "local"), RSA, NOW, CA_END, valid_count=99, issued_last_hour=99)
+
+
+def test_challenge_store_binds_user_and_expires():
+    s = ChallengeStore(ttl=60)
+    s.put("t1", "alice", b"state", now=0)
+    assert s.take("t1", "mallory", now=1) is None  # bound to the user, and consumed
+    s.put("t2", "alice", b"state", now=0)
+    assert s.take("t2", "alice", now=61) is None
+    s.put("t3", "alice", b"state", now=0)
+    assert s.take("t3", "alice", now=30) == b"state" and s.take("t3", "alice", now=30) is None

@@ -1,0 +1,71 @@
+import os
+import stat
+import subprocess
+
+import pytest
+from twisted.internet.task import Clock
+
+from appliance import tool
+from getcertd.auth import Accept, Reject
+from getcertd.local import LocalAuthenticator, hash_password, parse_users, verify_password
+
+
+def test_hash_is_salted_scrypt_never_plain():
+    a, b = hash_password(b"secret"), hash_password(b"secret")
+    assert a != b and a.startswith("$scrypt$") and "secret" not in a
+    assert verify_password(b"secret", a) and not verify_password(b"Secret", a)
+    assert not verify_password(b"secret", "$scrypt$n=2,r=1,p=1$bad$")
+
+
+def _run(*args, stdin=""):
+    return subprocess.run([tool("getcertd-users"), *args], input=stdin, capture_output=True, text=True)
+
+
+def test_getcertd_users_add_list_remove(tmp_path):
+    f = str(tmp_path / "users")
+    assert _run("--file", f, "add", "alice", stdin="pw one\n").returncode == 0
+    assert _run("--file", f, "add", "bob@example.com", stdin="pw two\n").returncode == 0
+    assert stat.S_IMODE(os.stat(f).st_mode) == 0o600
+    text = open(f).read()
+    assert "pw one" not in text and "pw two" not in text
+    assert _run("--file", f, "list").stdout.split() == ["alice", "bob@example.com"]
+    assert verify_password(b"pw one", parse_users(text)["alice"])
+    assert _run("--file", f, "remove", "alice").returncode == 0
+    assert _run("--file", f, "list").stdout.split() == ["bob@example.com"]
+    bad = _run("--file", f, "remove", "nosuch")
+    assert bad.returncode != 0 and "no user" in bad.stderr
+    assert _run("--file", f, "add", "evil\tname", stdin="x\n").returncode != 0
+
+
+def _sync(f, *a):
+    from twisted.internet.defer import succeed
+    return succeed(f(*a))
+
+
+def _result(d):
+    out = []
+    d.addBoth(out.append)
+    return out[0]
+
+
+def test_local_authenticator_accepts_rejects_and_caches():
+    users = {"alice": hash_password(b"right")}
+    calls = []
+
+    def counting(f, *a):
+        calls.append(a)
+        return _sync(f, *a)
+    clock = Clock()
+    auth = LocalAuthenticator(lambda: users, clock, cache_ttl=60, defer_to_thread=counting)
+    r = _result(auth.authenticate("alice", b"right", None, "127.0.0.1"))
+    assert isinstance(r, Accept) and r.identity.user == "alice" and r.identity.method == "local"
+    assert isinstance(_result(auth.authenticate("alice", b"wrong", None, "127.0.0.1")), Reject)
+    assert isinstance(_result(auth.authenticate("nobody", b"right", None, "127.0.0.1")), Reject)
+    assert len(calls) == 3  # an unknown user costs a hash too: no timing oracle
+    assert isinstance(_result(auth.authenticate("alice", b"right", None, "127.0.0.1")), Accept)
+    assert len(calls) == 3  # served from the cache
+    clock.advance(61)
+    assert isinstance(_result(auth.authenticate("alice", b"right", None, "127.0.0.1")), Accept)
+    assert len(calls) == 4
+    users["alice"] = hash_password(b"changed")
+    assert isinstance(_result(auth.authenticate("alice", b"right", None, "127.0.0.1")), Reject)
