@@ -1,0 +1,1141 @@
+"""SCEP (RFC 8894) pkiMessage codec: CMS SignedData and EnvelopedData with SCEP attributes.
+
+Layer 1: bytes in, bytes out, typed errors out. No I/O, no reactor, no wall clock (a
+signing time is passed in). Both the server and the client use it.
+
+Structure comes from asn1crypto, all cryptography from ``cryptography``. asn1crypto
+parses lazily, so every parser here forces what it uses inside a guard: on arbitrary
+input the parsers raise only ``MalformedRequest`` (cannot parse, HTTP 400) or
+``ScepFailure`` (parsed but not acceptable, FAILURE CertRep with a failInfo).
+
+A ``ScepFailure`` raised by ``parse_signed`` after the SCEP attributes were read carries
+them, unverified, as ``failure.request`` (a ``SignedMessage``) so that the server can
+still answer with a FAILURE CertRep that echoes the transactionID and senderNonce.
+"""
+from __future__ import annotations
+
+import datetime
+import functools
+import hashlib
+import hmac
+import os
+import re
+from dataclasses import dataclass, field
+from enum import Enum, IntEnum
+from typing import Callable, Iterable, Optional, Sequence
+
+from asn1crypto import algos, cms, core
+from asn1crypto import crl as asn1_crl
+from asn1crypto import csr as asn1_csr
+from asn1crypto import x509 as asn1_x509
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import padding as block_padding
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from getcertd.errors import FailInfo, MalformedRequest, ScepFailure
+
+__all__ = [
+    "MessageType", "PkiStatus", "SignedMessage",
+    "parse_signed", "build_signed", "verify_signed_data", "VerifiedSignedData",
+    "decrypt_envelope", "build_envelope",
+    "degenerate_pkcs7", "parse_degenerate",
+    "build_request", "build_pkcs_req", "build_cert_poll", "build_get_cert", "build_get_crl",
+    "build_cert_rep",
+    "parse_issuer_and_serial", "build_issuer_and_serial",
+    "parse_issuer_and_subject", "build_issuer_and_subject",
+    "parse_csr", "challenge_password",
+    "new_transaction_id", "new_nonce",
+    "CIPHERS", "DIGESTS",
+]
+
+
+class MessageType(IntEnum):
+    """SCEP messageType values (RFC 8894 section 3.2.1.2)."""
+    CertRep = 3
+    RenewalReq = 17
+    PKCSReq = 19
+    CertPoll = 20
+    GetCert = 21
+    GetCRL = 22
+
+
+class PkiStatus(str, Enum):
+    """SCEP pkiStatus values, carried as PrintableString decimals."""
+    SUCCESS = "0"
+    FAILURE = "2"
+    PENDING = "3"
+
+
+@dataclass(frozen=True)
+class SignedMessage:
+    """A parsed pkiMessage: its SCEP attributes, its signer and its encapsulated content.
+
+    ``message_type`` may be a value outside ``MessageType``; ``content`` is the eContent
+    (an EnvelopedData ContentInfo in SCEP) or None when absent.
+    """
+    message_type: int
+    transaction_id: str
+    sender_nonce: Optional[bytes]
+    recipient_nonce: Optional[bytes]
+    pki_status: Optional[PkiStatus]
+    fail_info: Optional[int]
+    fail_info_text: Optional[str]
+    signer_cert: x509.Certificate
+    signer_certs: tuple[x509.Certificate, ...]
+    digest: str
+    content: Optional[bytes] = field(repr=False)
+    signing_time: Optional[datetime.datetime] = None
+
+
+# --- object identifiers ----------------------------------------------------------------
+
+OID_DATA = "1.2.840.113549.1.7.1"
+OID_SIGNED_DATA = "1.2.840.113549.1.7.2"
+OID_ENVELOPED_DATA = "1.2.840.113549.1.7.3"
+OID_CONTENT_TYPE = "1.2.840.113549.1.9.3"
+OID_MESSAGE_DIGEST = "1.2.840.113549.1.9.4"
+OID_SIGNING_TIME = "1.2.840.113549.1.9.5"
+OID_CHALLENGE_PASSWORD = "1.2.840.113549.1.9.7"
+_SCEP = "2.16.840.1.113733.1.9."
+OID_MESSAGE_TYPE = _SCEP + "2"
+OID_PKI_STATUS = _SCEP + "3"
+OID_FAIL_INFO = _SCEP + "4"
+OID_SENDER_NONCE = _SCEP + "5"
+OID_RECIPIENT_NONCE = _SCEP + "6"
+OID_TRANSACTION_ID = _SCEP + "7"
+OID_FAIL_INFO_TEXT = "1.3.6.1.5.5.7.24.1"
+
+OID_RSA_ENCRYPTION = "1.2.840.113549.1.1.1"
+OID_RSAES_OAEP = "1.2.840.113549.1.1.7"
+OID_RSASSA_PSS = "1.2.840.113549.1.1.10"
+OID_MGF1 = "1.2.840.113549.1.1.8"
+
+_DIGEST_OIDS = {
+    "1.3.14.3.2.26": "sha1",
+    "2.16.840.1.101.3.4.2.1": "sha256",
+    "2.16.840.1.101.3.4.2.2": "sha384",
+    "2.16.840.1.101.3.4.2.3": "sha512",
+}
+_OID_OF_DIGEST = {name: oid for oid, name in _DIGEST_OIDS.items()}
+_HASHES = {"sha1": hashes.SHA1, "sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}
+DIGESTS = tuple(_HASHES)
+
+# signerInfo signatureAlgorithm -> (key family, implied digest or None)
+_SIGNATURE_OIDS = {
+    OID_RSA_ENCRYPTION: ("rsa", None),
+    "1.2.840.113549.1.1.5": ("rsa", "sha1"),
+    "1.2.840.113549.1.1.11": ("rsa", "sha256"),
+    "1.2.840.113549.1.1.12": ("rsa", "sha384"),
+    "1.2.840.113549.1.1.13": ("rsa", "sha512"),
+    OID_RSASSA_PSS: ("rsa-pss", None),
+    "1.2.840.10045.2.1": ("ecdsa", None),  # id-ecPublicKey, seen from some signers
+    "1.2.840.10045.4.1": ("ecdsa", "sha1"),
+    "1.2.840.10045.4.3.2": ("ecdsa", "sha256"),
+    "1.2.840.10045.4.3.3": ("ecdsa", "sha384"),
+    "1.2.840.10045.4.3.4": ("ecdsa", "sha512"),
+}
+_ECDSA_OID_OF_DIGEST = {"sha1": "1.2.840.10045.4.1", "sha256": "1.2.840.10045.4.3.2",
+                        "sha384": "1.2.840.10045.4.3.3", "sha512": "1.2.840.10045.4.3.4"}
+
+# name -> (content-encryption OID, key length, block size)
+_CIPHER_TABLE = {
+    "aes128": ("2.16.840.1.101.3.4.1.2", 16, 16),
+    "aes192": ("2.16.840.1.101.3.4.1.22", 24, 16),
+    "aes256": ("2.16.840.1.101.3.4.1.42", 32, 16),
+    "des3": ("1.2.840.113549.3.7", 24, 8),
+    "des": ("1.3.14.3.2.7", 8, 8),
+}
+_CIPHER_OF_OID = {oid: name for name, (oid, _, _) in _CIPHER_TABLE.items()}
+CIPHERS = tuple(_CIPHER_TABLE)
+
+_PRINTABLE = re.compile(r"[A-Za-z0-9 '()+,\-./:=?]*\Z")
+_DECIMAL = re.compile(r"[0-9]{1,9}\Z")
+
+
+# --- small helpers ---------------------------------------------------------------------
+
+def _one_line(exc: BaseException, limit: int = 160) -> str:
+    """A short single-line description of an exception, for MalformedRequest reasons."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _guard(what: str):
+    """Turn any unexpected exception of the wrapped parser into MalformedRequest.
+
+    asn1crypto parses lazily and raises ValueError, TypeError, KeyError and friends
+    from deep inside; cryptography raises ValueError on bad DER. Typed errors pass.
+    """
+    def decorate(fn):
+        @functools.wraps(fn)
+        def guarded(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except (MalformedRequest, ScepFailure):
+                raise
+            except Exception as exc:  # noqa: BLE001 - the parsers' contract
+                raise MalformedRequest(f"{what}: {_one_line(exc)}") from None
+        return guarded
+    return decorate
+
+
+def _der_tlv(tag: int, contents: bytes) -> bytes:
+    """DER-encode one TLV with a single-byte tag."""
+    n = len(contents)
+    if n < 0x80:
+        length = bytes([n])
+    else:
+        octets = n.to_bytes((n.bit_length() + 7) // 8, "big")
+        length = bytes([0x80 | len(octets)]) + octets
+    return bytes([tag]) + length + contents
+
+
+def _is_absent(value) -> bool:
+    return value is None or isinstance(value, core.Void)
+
+
+def _octets(value) -> bytes:
+    """The octets of an (possibly constructed, BER) OCTET STRING."""
+    if isinstance(value, core.ParsableOctetString):
+        return bytes(value)
+    return value.native
+
+
+def _cert_der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def _asn1_cert(cert: x509.Certificate) -> asn1_x509.Certificate:
+    return asn1_x509.Certificate.load(_cert_der(cert))
+
+
+def _issuer_and_serial_of(cert: x509.Certificate) -> cms.IssuerAndSerialNumber:
+    # Take the issuer as encoded in the certificate, not a re-encoding of the parsed name.
+    tbs = _asn1_cert(cert)["tbs_certificate"]
+    return cms.IssuerAndSerialNumber({
+        "issuer": asn1_x509.Name.load(tbs["issuer"].dump()),
+        "serial_number": cert.serial_number,
+    })
+
+
+def _subject_key_ids(asn1_cert: asn1_x509.Certificate) -> set:
+    """Key identifiers that may name this certificate: its SKI extension and the RFC 5280 SHA-1."""
+    ids = {asn1_cert.public_key.sha1}
+    try:
+        if asn1_cert.key_identifier is not None:
+            ids.add(asn1_cert.key_identifier)
+    except Exception:  # noqa: BLE001 - a malformed SKI extension just doesn't match
+        pass
+    return ids
+
+
+def _rid_matches(rid: cms.Choice, asn1_cert: asn1_x509.Certificate) -> bool:
+    """Whether a SignerIdentifier / RecipientIdentifier names this certificate."""
+    if rid.name == "issuer_and_serial_number":
+        ias = rid.chosen
+        tbs = asn1_cert["tbs_certificate"]
+        if ias["serial_number"].native != tbs["serial_number"].native:
+            return False
+        if ias["issuer"].dump() == tbs["issuer"].dump():
+            return True
+        try:
+            return ias["issuer"] == tbs["issuer"]  # asn1crypto's normalised comparison
+        except Exception:  # noqa: BLE001
+            return False
+    if rid.name == "subject_key_identifier":
+        return _octets(rid.chosen) in _subject_key_ids(asn1_cert)
+    return False
+
+
+def _name_from_der(der: bytes) -> x509.Name:
+    """Parse a DER X.501 Name into a cryptography Name.
+
+    cryptography has no public Name loader, so wrap the Name as the subject of a minimal
+    (unsigned, never verified) CertificationRequest and let cryptography parse that: the
+    result compares equal to the names cryptography parses out of certificates.
+    """
+    spki = _der_tlv(0x30, _der_tlv(0x30, bytes.fromhex("06092a864886f70d0101010500")) + _der_tlv(0x03, b"\x00"))
+    info = _der_tlv(0x30, b"\x02\x01\x00" + der + spki + b"\xa0\x00")
+    wrapper = _der_tlv(0x30, info + _der_tlv(0x30, bytes.fromhex("06092a864886f70d01010b0500"))
+                       + _der_tlv(0x03, b"\x00"))
+    name = x509.load_der_x509_csr(wrapper).subject
+    for rdn in name.rdns:  # force every attribute
+        for attribute in rdn:
+            attribute.value  # noqa: B018
+    return name
+
+
+def _load_content_info(der: bytes, expected: str, what: str):
+    if not isinstance(der, (bytes, bytearray, memoryview)):
+        raise MalformedRequest(f"{what}: expected bytes, got {type(der).__name__}")
+    info = cms.ContentInfo.load(bytes(der), strict=True)
+    content_type = info["content_type"].dotted
+    if content_type != expected:
+        raise MalformedRequest(f"{what}: content type is {content_type}, not {expected}")
+    content = info["content"]
+    if _is_absent(content):
+        raise MalformedRequest(f"{what}: ContentInfo has no content")
+    return content
+
+
+def _certificates(signed_data: cms.SignedData) -> list:
+    """(asn1crypto, cryptography) pairs for the plain X.509 certificates in a SignedData."""
+    out = []
+    certs = signed_data["certificates"]
+    if _is_absent(certs):
+        return out
+    for choice in certs:
+        if choice.name != "certificate":
+            continue  # attribute certificates and other formats are of no use here
+        asn1_cert = choice.chosen
+        cert = x509.load_der_x509_certificate(asn1_cert.dump())
+        out.append((asn1_cert, cert))
+    return out
+
+
+class _OrderedCertificateSet(cms.CertificateSet):
+    """A CertificateSet that keeps the caller's order (asn1crypto sorts SET OF by DER).
+
+    Clients read the issued certificate first; CMS is BER here, so order is allowed.
+    """
+
+    def _set_contents(self, force=False):
+        core.SequenceOf._set_contents(self, force)
+
+
+class _OrderedRevocationInfoChoices(cms.RevocationInfoChoices):
+    """RevocationInfoChoices in the caller's order."""
+
+    def _set_contents(self, force=False):
+        core.SequenceOf._set_contents(self, force)
+
+
+class _AnyValues(core.SetOf):
+    _child_spec = core.Any
+
+
+class _RawAttribute(core.Sequence):
+    _fields = [("type", core.ObjectIdentifier), ("values", _AnyValues)]
+
+
+class _RawAttributes(core.SetOf):
+    """Attributes read without asn1crypto's per-OID value specs: we check every value ourselves."""
+    _child_spec = _RawAttribute
+
+
+class _IssuerAndSubject(core.Sequence):
+    """RFC 8894 IssuerAndSubject, the CertPoll content."""
+    _fields = [("issuer", asn1_x509.Name), ("subject", asn1_x509.Name)]
+
+
+def _read_attributes(der_set: bytes, what: str) -> dict:
+    """OID -> list of values (each a loaded universal ASN.1 value) from a DER SET OF Attribute."""
+    attrs = {}
+    for attribute in _RawAttributes.load(der_set, strict=True):
+        oid = attribute["type"].dotted
+        if oid in attrs:
+            raise MalformedRequest(f"{what}: attribute {oid} appears twice")
+        attrs[oid] = [core.Asn1Value.load(value.dump(), strict=True) for value in attribute["values"]]
+    return attrs
+
+
+def _single(attrs: dict, oid: str, name: str):
+    values = attrs.get(oid)
+    if values is None:
+        return None
+    if len(values) != 1:
+        raise MalformedRequest(f"{name} attribute has {len(values)} values, expected 1")
+    return values[0]
+
+
+def _string_attr(attrs: dict, oid: str, name: str) -> Optional[str]:
+    value = _single(attrs, oid, name)
+    if value is None:
+        return None
+    if not isinstance(value, core.AbstractString):
+        raise MalformedRequest(f"{name} attribute is not a string")
+    return value.native
+
+
+def _octets_attr(attrs: dict, oid: str, name: str) -> Optional[bytes]:
+    value = _single(attrs, oid, name)
+    if value is None:
+        return None
+    if not isinstance(value, core.OctetString):
+        raise MalformedRequest(f"{name} attribute is not an OCTET STRING")
+    return value.native
+
+
+def _decimal_attr(attrs: dict, oid: str, name: str) -> Optional[int]:
+    text = _string_attr(attrs, oid, name)
+    if text is None:
+        return None
+    if not _DECIMAL.match(text.strip()):
+        raise MalformedRequest(f"{name} attribute {text[:20]!r} is not a decimal number")
+    return int(text.strip())
+
+
+def _hash(name: str) -> hashes.HashAlgorithm:
+    return _HASHES[name]()
+
+
+def _digest_name(oid: str, what: str, message=None) -> str:
+    name = _DIGEST_OIDS.get(oid)
+    if name is None:
+        raise _failure(FailInfo.badAlg, f"unsupported {what} digest algorithm {oid}", message)
+    return name
+
+
+def _failure(fail_info: FailInfo, text: str, message: Optional[SignedMessage]) -> ScepFailure:
+    failure = ScepFailure(fail_info, text)
+    failure.request = message
+    return failure
+
+
+# --- SignedData: parse -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VerifiedSignedData:
+    """A verified CMS SignedData without SCEP semantics (see verify_signed_data)."""
+    signer_cert: x509.Certificate
+    signer_certs: tuple[x509.Certificate, ...]
+    digest: str
+    content: Optional[bytes] = field(repr=False)
+    content_type: str = OID_DATA
+    signing_time: Optional[datetime.datetime] = None
+
+
+@dataclass(frozen=True)
+class _ParsedSigned:
+    """What the structural pass read; nothing here is verified yet."""
+    signer_cert: x509.Certificate
+    signer_certs: tuple[x509.Certificate, ...]
+    digest_oid: str
+    signature_oid: str
+    signature_params: Optional[bytes]
+    signature: bytes
+    signed_attrs_candidates: tuple
+    attrs: dict
+    econtent_type: str
+    content: Optional[bytes]
+    signing_time: Optional[datetime.datetime]
+
+
+@_guard("SignedData")
+def _parse_signed_structure(der: bytes) -> _ParsedSigned:
+    signed_data = _load_content_info(der, OID_SIGNED_DATA, "SignedData")
+    signer_infos = signed_data["signer_infos"]
+    if len(signer_infos) != 1:
+        raise MalformedRequest(f"SignedData has {len(signer_infos)} signerInfos, expected 1")
+    signer_info = signer_infos[0]
+
+    certs = _certificates(signed_data)
+    sid = signer_info["sid"]
+    matches = [cert for asn1_cert, cert in certs if _rid_matches(sid, asn1_cert)]
+    if not matches:
+        raise MalformedRequest("the signer's certificate is not in the SignedData")
+
+    encap = signed_data["encap_content_info"]
+    econtent = encap["content"]
+
+    signed_attrs = signer_info["signed_attrs"]
+    if _is_absent(signed_attrs):
+        raise MalformedRequest("SignedData has no signed attributes (SCEP needs them)")
+    # The signature covers the attributes as a DER SET OF: the received encoding with the
+    # [0] tag replaced, or, for signers that did not sort, the sorted re-encoding.
+    as_received = _der_tlv(0x31, signed_attrs.contents)
+    raw = _RawAttributes.load(as_received, strict=True)
+    as_sorted = _der_tlv(0x31, b"".join(sorted(attr.dump() for attr in raw)))
+    attrs = _read_attributes(as_received, "signed attributes")
+
+    # signingTime is informational: one that can't be read is reported as None, not refused.
+    time_value = _single(attrs, OID_SIGNING_TIME, "signingTime")
+    signing_time = None
+    if isinstance(time_value, (core.UTCTime, core.GeneralizedTime)):
+        try:
+            signing_time = time_value.native
+        except Exception:  # noqa: BLE001 - asn1crypto's ValueError on odd time formats
+            pass
+        if not isinstance(signing_time, datetime.datetime):
+            signing_time = None
+
+    signature_params = signer_info["signature_algorithm"]["parameters"]
+    return _ParsedSigned(
+        signer_cert=matches[0],
+        signer_certs=tuple(cert for _, cert in certs),
+        digest_oid=signer_info["digest_algorithm"]["algorithm"].dotted,
+        signature_oid=signer_info["signature_algorithm"]["algorithm"].dotted,
+        # re-read on use with the right spec
+        signature_params=None if _is_absent(signature_params) else signature_params.dump(),
+        signature=signer_info["signature"].native,
+        signed_attrs_candidates=(as_received,) if as_sorted == as_received else (as_received, as_sorted),
+        attrs=attrs,
+        econtent_type=encap["content_type"].dotted,
+        content=None if _is_absent(econtent) else _octets(econtent),
+        signing_time=signing_time,
+    )
+
+
+@_guard("SCEP attributes")
+def _scep_message(parsed: _ParsedSigned) -> SignedMessage:
+    attrs = parsed.attrs
+    message_type = _decimal_attr(attrs, OID_MESSAGE_TYPE, "messageType")
+    if message_type is None:
+        raise MalformedRequest("no messageType attribute")
+    transaction_id = _string_attr(attrs, OID_TRANSACTION_ID, "transactionID")
+    if transaction_id is None:
+        raise MalformedRequest("no transactionID attribute")
+    status_text = _string_attr(attrs, OID_PKI_STATUS, "pkiStatus")
+    pki_status = None
+    if status_text is not None:
+        try:
+            pki_status = PkiStatus(status_text.strip())
+        except ValueError:
+            raise MalformedRequest(f"unknown pkiStatus {status_text[:20]!r}") from None
+    if message_type == MessageType.CertRep and pki_status is None:
+        raise MalformedRequest("CertRep without pkiStatus")
+    return SignedMessage(
+        message_type=message_type,
+        transaction_id=transaction_id,
+        sender_nonce=_octets_attr(attrs, OID_SENDER_NONCE, "senderNonce"),
+        recipient_nonce=_octets_attr(attrs, OID_RECIPIENT_NONCE, "recipientNonce"),
+        pki_status=pki_status,
+        fail_info=_decimal_attr(attrs, OID_FAIL_INFO, "failInfo"),
+        fail_info_text=_string_attr(attrs, OID_FAIL_INFO_TEXT, "failInfoText"),
+        signer_cert=parsed.signer_cert,
+        signer_certs=parsed.signer_certs,
+        digest=_DIGEST_OIDS.get(parsed.digest_oid, parsed.digest_oid),
+        content=parsed.content,
+        signing_time=parsed.signing_time,
+    )
+
+
+def _pss_padding(params_der, digest: str, message) -> padding.PSS:
+    if params_der is None:
+        raise _failure(FailInfo.badAlg, "RSASSA-PSS without parameters", message)
+    try:
+        params = algos.RSASSAPSSParams.load(params_der, strict=True)
+        hash_oid = params["hash_algorithm"]["algorithm"].dotted
+        mgf = params["mask_gen_algorithm"]
+        mgf_oid = mgf["algorithm"].dotted
+        mgf_hash_oid = mgf["parameters"]["algorithm"].dotted
+        salt_length = params["salt_length"].native
+        trailer = params["trailer_field"].native
+    except Exception as exc:  # noqa: BLE001
+        raise MalformedRequest(f"RSASSA-PSS parameters: {_one_line(exc)}") from None
+    pss_hash = _digest_name(hash_oid, "RSASSA-PSS", message)
+    if pss_hash != digest:
+        raise _failure(FailInfo.badAlg, f"RSASSA-PSS hash {pss_hash} differs from digest {digest}", message)
+    if mgf_oid != OID_MGF1 or trailer not in (1, "trailer_field_bc"):
+        raise _failure(FailInfo.badAlg, "unsupported RSASSA-PSS mask generation or trailer", message)
+    if not isinstance(salt_length, int) or not 0 <= salt_length <= 1024:
+        raise MalformedRequest("RSASSA-PSS salt length out of range")
+    return padding.PSS(mgf=padding.MGF1(_hash(_digest_name(mgf_hash_oid, "MGF1", message))),
+                       salt_length=salt_length)
+
+
+def _verify_signed(parsed: _ParsedSigned, message: Optional[SignedMessage]) -> None:
+    """Check digest and signature; failures carry ``message`` (unverified) as ``.request``."""
+    digest = _digest_name(parsed.digest_oid, "signer", message)
+    family, implied = _SIGNATURE_OIDS.get(parsed.signature_oid, (None, None))
+    if family is None:
+        raise _failure(FailInfo.badAlg, f"unsupported signature algorithm {parsed.signature_oid}", message)
+    if implied is not None and implied != digest:
+        raise _failure(FailInfo.badAlg, f"signature algorithm hash {implied} differs from digest {digest}",
+                       message)
+
+    content_type = _single(parsed.attrs, OID_CONTENT_TYPE, "contentType")
+    if content_type is not None and (not isinstance(content_type, core.ObjectIdentifier)
+                                     or content_type.dotted != parsed.econtent_type):
+        raise _failure(FailInfo.badMessageCheck, "contentType attribute differs from the content's type",
+                       message)
+    message_digest = _octets_attr(parsed.attrs, OID_MESSAGE_DIGEST, "messageDigest")
+    if message_digest is None:
+        raise _failure(FailInfo.badMessageCheck, "no messageDigest attribute", message)
+    # An absent eContent (FAILURE or PENDING CertRep) is digested as the empty string.
+    actual = hashlib.new(digest, parsed.content or b"").digest()
+    if not hmac.compare_digest(actual, message_digest):
+        raise _failure(FailInfo.badMessageCheck, "messageDigest does not match the content", message)
+
+    try:
+        public_key = parsed.signer_cert.public_key()
+    except (UnsupportedAlgorithm, ValueError) as exc:
+        raise _failure(FailInfo.badAlg, f"unsupported signer key: {_one_line(exc)}", message) from None
+    if family in ("rsa", "rsa-pss"):
+        if not isinstance(public_key, rsa.RSAPublicKey):
+            raise _failure(FailInfo.badAlg, "RSA signature algorithm with a non-RSA signer key", message)
+        pad = _pss_padding(parsed.signature_params, digest, message) if family == "rsa-pss" \
+            else padding.PKCS1v15()
+
+        def verify(data):
+            public_key.verify(parsed.signature, data, pad, _hash(digest))
+    else:
+        if not isinstance(public_key, ec.EllipticCurvePublicKey):
+            raise _failure(FailInfo.badAlg, "ECDSA signature algorithm with a non-EC signer key", message)
+
+        def verify(data):
+            public_key.verify(parsed.signature, data, ec.ECDSA(_hash(digest)))
+
+    for data in parsed.signed_attrs_candidates:
+        try:
+            verify(data)
+            return
+        except (InvalidSignature, ValueError):
+            continue
+    raise _failure(FailInfo.badMessageCheck, "the signature does not verify", message)
+
+
+def parse_signed(der: bytes) -> SignedMessage:
+    """Parse and verify a pkiMessage (ContentInfo with SignedData).
+
+    Finds the signer's certificate among the included certificates, checks messageDigest
+    against the content and the signature over the signed attributes (RSA PKCS#1 v1.5
+    with rsaEncryption or shaNWithRSAEncryption, RSASSA-PSS, ECDSA). The signer's
+    certificate is not validated against any trust anchor: that is the caller's policy.
+
+    Raises MalformedRequest if the structure can't be read or lacks messageType or
+    transactionID; ScepFailure(badAlg) for an unsupported digest or signature algorithm;
+    ScepFailure(badMessageCheck) for a digest mismatch or a bad signature. Such a
+    ScepFailure carries the unverified message as ``.request`` (for the FAILURE CertRep).
+    """
+    parsed = _parse_signed_structure(der)
+    message = _scep_message(parsed)
+    _guard("SignedData verification")(_verify_signed)(parsed, message)
+    return message
+
+
+def verify_signed_data(der: bytes) -> VerifiedSignedData:
+    """Parse and verify any CMS SignedData with signed attributes, SCEP attributes or not.
+
+    Same checks and errors as parse_signed, without requiring messageType/transactionID
+    (e.g. for content signed by ``openssl cms -sign``).
+    """
+    parsed = _parse_signed_structure(der)
+    _guard("SignedData verification")(_verify_signed)(parsed, None)
+    return VerifiedSignedData(
+        signer_cert=parsed.signer_cert, signer_certs=parsed.signer_certs,
+        digest=_DIGEST_OIDS[parsed.digest_oid], content=parsed.content,
+        content_type=parsed.econtent_type, signing_time=parsed.signing_time)
+
+
+# --- SignedData: build -----------------------------------------------------------------
+
+def _utc(moment: datetime.datetime) -> datetime.datetime:
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.astimezone(datetime.timezone.utc)
+
+
+def _string_value(text: str):
+    """PrintableString when the text allows it (as RFC 8894 says), else UTF8String."""
+    return core.PrintableString(text) if _PRINTABLE.match(text) else core.UTF8String(text)
+
+
+def _attribute(oid: str, value) -> cms.CMSAttribute:
+    return cms.CMSAttribute({"type": oid, "values": [value]})
+
+
+def _same_public_key(private_key, cert: x509.Certificate) -> bool:
+    fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return private_key.public_key().public_bytes(*fmt) == cert.public_key().public_bytes(*fmt)
+
+
+def build_signed(*, message_type: int, transaction_id: str, sender_nonce: Optional[bytes],
+                 signer_key, signer_cert: x509.Certificate, digest: str = "sha256",
+                 content: Optional[bytes] = None, pki_status: Optional[PkiStatus] = None,
+                 fail_info: Optional[int] = None, fail_info_text: Optional[str] = None,
+                 recipient_nonce: Optional[bytes] = None, extra_certs: Iterable[x509.Certificate] = (),
+                 signing_time: Optional[datetime.datetime] = None) -> bytes:
+    """Build a pkiMessage: ContentInfo with SignedData carrying the SCEP signed attributes.
+
+    ``content`` (normally EnvelopedData DER) becomes the id-data eContent; when None the
+    eContent is absent and messageDigest is the digest of the empty string. RSA signers
+    get signatureAlgorithm rsaEncryption (strongSwan 5.9.8 refuses shaNWithRSAEncryption
+    there), ECDSA signers ecdsa-with-SHAn. Certificates: the signer's, then extra_certs.
+    Raises ValueError on misuse (unknown digest, key not matching the certificate...).
+    """
+    if digest not in _HASHES:
+        raise ValueError(f"unsupported digest {digest!r}; use one of {', '.join(_HASHES)}")
+    if not _same_public_key(signer_key, signer_cert):
+        raise ValueError("signer_key does not belong to signer_cert")
+    if int(message_type) < 0 or (fail_info is not None and int(fail_info) < 0):
+        raise ValueError("message_type and fail_info are non-negative numbers")
+
+    attributes = [
+        _attribute(OID_CONTENT_TYPE, cms.ContentType(OID_DATA)),
+        _attribute(OID_MESSAGE_DIGEST, core.OctetString(hashlib.new(digest, content or b"").digest())),
+        _attribute(OID_MESSAGE_TYPE, core.PrintableString(str(int(message_type)))),
+        _attribute(OID_TRANSACTION_ID, _string_value(transaction_id)),
+    ]
+    if signing_time is not None:
+        moment = _utc(signing_time)
+        time = cms.Time({"utc_time": moment}) if 1950 <= moment.year < 2050 \
+            else cms.Time({"generalized_time": moment})
+        attributes.append(_attribute(OID_SIGNING_TIME, time))
+    if sender_nonce is not None:
+        attributes.append(_attribute(OID_SENDER_NONCE, core.OctetString(bytes(sender_nonce))))
+    if recipient_nonce is not None:
+        attributes.append(_attribute(OID_RECIPIENT_NONCE, core.OctetString(bytes(recipient_nonce))))
+    if pki_status is not None:
+        attributes.append(_attribute(OID_PKI_STATUS, core.PrintableString(PkiStatus(pki_status).value)))
+    if fail_info is not None:
+        attributes.append(_attribute(OID_FAIL_INFO, core.PrintableString(str(int(fail_info)))))
+    if fail_info_text is not None:
+        attributes.append(_attribute(OID_FAIL_INFO_TEXT, core.UTF8String(fail_info_text)))
+    signed_attrs = cms.CMSAttributes(attributes)
+    to_sign = signed_attrs.dump(force=True)  # asn1crypto sorts SET OF: this is the DER SET
+
+    hash_algorithm = _hash(digest)
+    if isinstance(signer_key, rsa.RSAPrivateKey):
+        signature = signer_key.sign(to_sign, padding.PKCS1v15(), hash_algorithm)
+        signature_algorithm = {"algorithm": OID_RSA_ENCRYPTION, "parameters": core.Null()}
+    elif isinstance(signer_key, ec.EllipticCurvePrivateKey):
+        signature = signer_key.sign(to_sign, ec.ECDSA(hash_algorithm))
+        signature_algorithm = {"algorithm": _ECDSA_OID_OF_DIGEST[digest]}
+    else:
+        raise ValueError(f"unsupported signer key type {type(signer_key).__name__}")
+
+    digest_algorithm = {"algorithm": _OID_OF_DIGEST[digest], "parameters": core.Null()}
+    signer_info = cms.SignerInfo({
+        "version": "v1",
+        "sid": cms.SignerIdentifier({"issuer_and_serial_number": _issuer_and_serial_of(signer_cert)}),
+        "digest_algorithm": digest_algorithm,
+        "signed_attrs": signed_attrs,
+        "signature_algorithm": signature_algorithm,
+        "signature": signature,
+    })
+    encap = {"content_type": "data"}
+    if content is not None:
+        encap["content"] = bytes(content)
+    certificates = [signer_cert, *extra_certs]
+    signed_data = cms.SignedData({
+        "version": "v1",
+        "digest_algorithms": [digest_algorithm],
+        "encap_content_info": encap,
+        "certificates": _OrderedCertificateSet([_asn1_cert(cert) for cert in certificates]),
+        "signer_infos": [signer_info],
+    })
+    return cms.ContentInfo({"content_type": "signed_data", "content": signed_data}).dump()
+
+
+# --- EnvelopedData ---------------------------------------------------------------------
+
+def _content_cipher(name: str, key: bytes, iv: bytes) -> Cipher:
+    if name.startswith("aes"):
+        return Cipher(algorithms.AES(key), modes.CBC(iv))
+    if name == "des3":
+        return Cipher(TripleDES(key), modes.CBC(iv))
+    # Single DES is EDE with three equal keys; cryptography has no DES class of its own.
+    return Cipher(TripleDES(key * 3), modes.CBC(iv))
+
+
+def _key_transport_padding(algorithm) -> padding.AsymmetricPadding:
+    """RSA padding for a KeyTransRecipientInfo's keyEncryptionAlgorithm; ScepFailure(badAlg) if unsupported."""
+    oid = algorithm["algorithm"].dotted
+    if oid == OID_RSA_ENCRYPTION:
+        return padding.PKCS1v15()
+    if oid != OID_RSAES_OAEP:
+        raise ScepFailure(FailInfo.badAlg, f"unsupported key transport algorithm {oid}")
+    params = algorithm["parameters"]
+    if _is_absent(params):
+        params = algos.RSAESOAEPParams.load(b"\x30\x00")  # all defaults: SHA-1, MGF1 with SHA-1
+    oaep_hash = _digest_name(params["hash_algorithm"]["algorithm"].dotted, "RSAES-OAEP")
+    mgf = params["mask_gen_algorithm"]
+    if mgf["algorithm"].dotted != OID_MGF1:
+        raise ScepFailure(FailInfo.badAlg, "unsupported RSAES-OAEP mask generation function")
+    mgf_hash = _digest_name(mgf["parameters"]["algorithm"].dotted, "MGF1")
+    label = params["p_source_algorithm"]["parameters"].native or None
+    return padding.OAEP(mgf=padding.MGF1(_hash(mgf_hash)), algorithm=_hash(oaep_hash), label=label)
+
+
+@_guard("EnvelopedData")
+def _parse_envelope_structure(der: bytes, allow_des: bool):
+    enveloped = _load_content_info(der, OID_ENVELOPED_DATA, "EnvelopedData")
+    encrypted_info = enveloped["encrypted_content_info"]
+    algorithm = encrypted_info["content_encryption_algorithm"]
+    cipher = _CIPHER_OF_OID.get(algorithm["algorithm"].dotted)
+    if cipher is None:
+        raise ScepFailure(FailInfo.badAlg, f"unsupported content cipher {algorithm['algorithm'].dotted}")
+    if cipher == "des" and not allow_des:
+        raise ScepFailure(FailInfo.badAlg, "single DES is disabled (allow_des is off); use AES or 3DES")
+    _, key_length, block = _CIPHER_TABLE[cipher]
+    iv = algorithm["parameters"]
+    if not isinstance(iv, core.OctetString) or len(iv.native) != block:
+        raise MalformedRequest(f"{cipher} content cipher needs a {block}-byte IV")
+    encrypted = encrypted_info["encrypted_content"]
+    if _is_absent(encrypted):
+        raise MalformedRequest("EnvelopedData has no encrypted content")
+
+    recipients = []
+    unsupported = "no key transport (RSA) recipientInfo"
+    for info in enveloped["recipient_infos"]:
+        if info.name != "ktri":
+            continue
+        ktri = info.chosen
+        try:
+            pad = _key_transport_padding(ktri["key_encryption_algorithm"])
+        except ScepFailure as failure:  # maybe another recipient's: ours may still be usable
+            unsupported = failure.text
+            continue
+        rid = ktri["rid"]
+        rid.chosen.native  # noqa: B018 - force the parse
+        recipients.append((rid, pad, ktri["encrypted_key"].native))
+    if not recipients:
+        raise ScepFailure(FailInfo.badAlg, unsupported)
+    return cipher, key_length, block, iv.native, _octets(encrypted), recipients
+
+
+def _decrypt_content(cipher: str, key: bytes, iv: bytes, ciphertext: bytes, block: int) -> Optional[bytes]:
+    if not ciphertext or len(ciphertext) % block:
+        return None
+    decryptor = _content_cipher(cipher, key, iv).decryptor()
+    padded = decryptor.update(ciphertext) + decryptor.finalize()
+    unpadder = block_padding.PKCS7(block * 8).unpadder()
+    try:
+        return unpadder.update(padded) + unpadder.finalize()
+    except ValueError:
+        return None
+
+
+def decrypt_envelope(der: bytes, recipient_key, recipient_cert: x509.Certificate,
+                     allow_des: bool = False) -> tuple[bytes, str]:
+    """Open an EnvelopedData (ContentInfo DER) addressed to recipient_cert.
+
+    Key transport: RSA PKCS#1 v1.5 or RSAES-OAEP (any of our digests). Content ciphers:
+    aes128/aes192/aes256-CBC, des3 (des-ede3-cbc), and des (des-cbc) only if allow_des.
+    Returns (plaintext, cipher name). The recipientInfo naming recipient_cert is used;
+    if none does, each key transport recipientInfo is tried with the key.
+
+    A failed RSA unwrap is not reported as such: a random content key is used instead
+    (and OpenSSL's implicit rejection does the same inside), so a wrong key, bad RSA
+    padding and bad content padding all end in the same ScepFailure(badMessageCheck).
+    Unsupported algorithms -> ScepFailure(badAlg); unreadable structure -> MalformedRequest.
+    """
+    cipher, key_length, block, iv, ciphertext, recipients = _parse_envelope_structure(der, allow_des)
+    if not isinstance(recipient_key, rsa.RSAPrivateKey):
+        raise ScepFailure(FailInfo.badAlg, "the recipient key is not an RSA key")
+    asn1_cert = _asn1_cert(recipient_cert)
+    named = [r for r in recipients if _guard("recipientInfo")(_rid_matches)(r[0], asn1_cert)]
+    for _, pad, encrypted_key in named or recipients:
+        try:
+            key = recipient_key.decrypt(encrypted_key, pad)
+        except ValueError:
+            key = b""
+        if len(key) != key_length:
+            key = os.urandom(key_length)
+        plaintext = _decrypt_content(cipher, key, iv, ciphertext, block)
+        if plaintext is not None:
+            return plaintext, cipher
+    raise ScepFailure(FailInfo.badMessageCheck, "the message could not be decrypted")
+
+
+def build_envelope(plaintext: bytes, recipient_cert: x509.Certificate, cipher: str = "aes256",
+                   oaep: bool = False, *, random: Callable[[int], bytes] = os.urandom,
+                   oaep_hash: str = "sha1") -> bytes:
+    """Encrypt plaintext for recipient_cert's RSA key: ContentInfo with EnvelopedData DER.
+
+    cipher is one of CIPHERS; key transport is RSA PKCS#1 v1.5, or RSAES-OAEP with
+    oaep_hash (MGF1 with the same hash) when oaep is true. ``random`` supplies the
+    content key and IV (the RSA padding uses cryptography's own generator). A recipient
+    certificate without an RSA key raises ScepFailure(badAlg): SCEP needs key transport.
+    """
+    if cipher not in _CIPHER_TABLE:
+        raise ValueError(f"unsupported cipher {cipher!r}; use one of {', '.join(_CIPHER_TABLE)}")
+    if oaep and oaep_hash not in _HASHES:
+        raise ValueError(f"unsupported OAEP hash {oaep_hash!r}")
+    public_key = recipient_cert.public_key()
+    if not isinstance(public_key, rsa.RSAPublicKey):
+        raise ScepFailure(FailInfo.badAlg, "the recipient's certificate has no RSA key for key transport")
+    oid, key_length, block = _CIPHER_TABLE[cipher]
+    key = random(key_length)
+    iv = random(block)
+    padder = block_padding.PKCS7(block * 8).padder()
+    encryptor = _content_cipher(cipher, key, iv).encryptor()
+    ciphertext = encryptor.update(padder.update(bytes(plaintext)) + padder.finalize()) + encryptor.finalize()
+
+    if oaep:
+        pad = padding.OAEP(mgf=padding.MGF1(_hash(oaep_hash)), algorithm=_hash(oaep_hash), label=None)
+        if oaep_hash == "sha1":
+            # All defaults: an empty SEQUENCE (asn1crypto won't build one from {}).
+            params = algos.RSAESOAEPParams.load(b"\x30\x00")
+        else:
+            params = {"hash_algorithm": {"algorithm": oaep_hash},
+                      "mask_gen_algorithm": {"algorithm": "mgf1", "parameters": {"algorithm": oaep_hash}}}
+        key_encryption = {"algorithm": "rsaes_oaep", "parameters": params}
+    else:
+        pad = padding.PKCS1v15()
+        key_encryption = {"algorithm": "rsaes_pkcs1v15", "parameters": core.Null()}
+    ktri = cms.KeyTransRecipientInfo({
+        "version": "v0",
+        "rid": cms.RecipientIdentifier({"issuer_and_serial_number": _issuer_and_serial_of(recipient_cert)}),
+        "key_encryption_algorithm": key_encryption,
+        "encrypted_key": public_key.encrypt(key, pad),
+    })
+    enveloped = cms.EnvelopedData({
+        "version": "v0",
+        "recipient_infos": [cms.RecipientInfo({"ktri": ktri})],
+        "encrypted_content_info": {
+            "content_type": "data",
+            "content_encryption_algorithm": {"algorithm": oid, "parameters": core.OctetString(iv)},
+            "encrypted_content": ciphertext,
+        },
+    })
+    return cms.ContentInfo({"content_type": "enveloped_data", "content": enveloped}).dump()
+
+
+# --- degenerate PKCS#7 (certs-only) ----------------------------------------------------
+
+def degenerate_pkcs7(certs: Sequence[x509.Certificate],
+                     crls: Sequence[x509.CertificateRevocationList] = ()) -> bytes:
+    """A certs-only SignedData (no signers, no content), certificates in the given order."""
+    signed_data = {
+        "version": "v1",
+        "digest_algorithms": [],
+        "encap_content_info": {"content_type": "data"},
+        "signer_infos": [],
+    }
+    if certs:
+        signed_data["certificates"] = _OrderedCertificateSet([_asn1_cert(cert) for cert in certs])
+    if crls:
+        signed_data["crls"] = _OrderedRevocationInfoChoices([
+            cms.RevocationInfoChoice({"crl": asn1_crl.CertificateList.load(
+                crl.public_bytes(serialization.Encoding.DER))})
+            for crl in crls])
+    return cms.ContentInfo({"content_type": "signed_data", "content": cms.SignedData(signed_data)}).dump()
+
+
+@_guard("degenerate PKCS#7")
+def parse_degenerate(der: bytes) -> tuple[list[x509.Certificate], list[x509.CertificateRevocationList]]:
+    """(certificates, crls) from a SignedData, as cryptography objects in encoded order.
+
+    Signers, if any, are ignored: this reads the certs-only reply inside a CertRep or a
+    GetCACert answer. Raises only MalformedRequest.
+    """
+    signed_data = _load_content_info(der, OID_SIGNED_DATA, "degenerate PKCS#7")
+    certs = [cert for _, cert in _certificates(signed_data)]
+    crls = []
+    revocation = signed_data["crls"]
+    if not _is_absent(revocation):
+        for choice in revocation:
+            if choice.name == "crl":
+                crl = x509.load_der_x509_crl(choice.chosen.dump())
+                crl.issuer  # noqa: B018 - force the parse
+                crls.append(crl)
+    return certs, crls
+
+
+# --- message contents: IssuerAndSerialNumber, IssuerAndSubject, CSR ---------------------
+
+@_guard("IssuerAndSerialNumber")
+def parse_issuer_and_serial(der: bytes) -> tuple[x509.Name, int]:
+    """(issuer Name, serial int) from a GetCert / GetCRL content. Raises only MalformedRequest."""
+    value = cms.IssuerAndSerialNumber.load(bytes(der), strict=True)
+    return _name_from_der(value["issuer"].dump()), value["serial_number"].native
+
+
+def build_issuer_and_serial(issuer: x509.Name, serial: int) -> bytes:
+    """DER IssuerAndSerialNumber, the content of GetCert and GetCRL."""
+    return cms.IssuerAndSerialNumber({
+        "issuer": asn1_x509.Name.load(issuer.public_bytes()),
+        "serial_number": int(serial),
+    }).dump()
+
+
+@_guard("IssuerAndSubject")
+def parse_issuer_and_subject(der: bytes) -> tuple[x509.Name, x509.Name]:
+    """(issuer Name, subject Name) from a CertPoll content. Raises only MalformedRequest."""
+    value = _IssuerAndSubject.load(bytes(der), strict=True)
+    return _name_from_der(value["issuer"].dump()), _name_from_der(value["subject"].dump())
+
+
+def build_issuer_and_subject(issuer: x509.Name, subject: x509.Name) -> bytes:
+    """DER IssuerAndSubject, the content of CertPoll."""
+    return _IssuerAndSubject({
+        "issuer": asn1_x509.Name.load(issuer.public_bytes()),
+        "subject": asn1_x509.Name.load(subject.public_bytes()),
+    }).dump()
+
+
+@_guard("CSR")
+def _load_csr(der: bytes) -> tuple:
+    """(csr, legacy) where legacy is None, or what is needed to check a non-v1 CSR's POP.
+
+    cryptography refuses a CSR whose version is not 0 ("v1"), but some clients send 1 or
+    2 (an Apple device's PKCSReq among our vectors, older certbot). Such a CSR is loaded
+    with its version rewritten to 0 and its signature is checked here over the original
+    CertificationRequestInfo: legacy = (info DER, signature algorithm, signature).
+    """
+    der = bytes(der)
+    request = asn1_csr.CertificationRequest.load(der, strict=True)
+    info = request["certification_request_info"]
+    version = info["version"].native
+    legacy = None
+    if version != "v1":
+        if version not in (1, 2):
+            raise MalformedRequest(f"CSR version {version!r} is not supported")
+        legacy = (info.dump(), request["signature_algorithm"], request["signature"].native)
+        fixed = info.copy()
+        fixed["version"] = "v1"
+        der = asn1_csr.CertificationRequest({
+            "certification_request_info": fixed,
+            "signature_algorithm": request["signature_algorithm"],
+            "signature": request["signature"],
+        }).dump()
+    csr = x509.load_der_x509_csr(der)
+    csr.subject.rdns  # noqa: B018 - force what the policy will read
+    csr.extensions  # noqa: B018
+    csr.signature_algorithm_oid  # noqa: B018
+    challenge_password(csr)
+    return csr, legacy
+
+
+def _legacy_pop_valid(csr: x509.CertificateSigningRequest, legacy: tuple) -> bool:
+    info_der, algorithm, signature = legacy
+    family, digest = _SIGNATURE_OIDS.get(algorithm["algorithm"].dotted, (None, None))
+    if digest is None:
+        raise ScepFailure(FailInfo.badAlg, f"unsupported CSR signature algorithm {algorithm['algorithm'].dotted}")
+    public_key = csr.public_key()
+    try:
+        if family == "rsa" and isinstance(public_key, rsa.RSAPublicKey):
+            public_key.verify(signature, info_der, padding.PKCS1v15(), _hash(digest))
+        elif family == "ecdsa" and isinstance(public_key, ec.EllipticCurvePublicKey):
+            public_key.verify(signature, info_der, ec.ECDSA(_hash(digest)))
+        else:
+            raise ScepFailure(FailInfo.badAlg, "the CSR's signature algorithm does not fit its key")
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def parse_csr(der: bytes) -> x509.CertificateSigningRequest:
+    """Load a PKCS#10 request and check its proof of possession.
+
+    MalformedRequest if it doesn't parse (including its extensions and challengePassword);
+    ScepFailure(badAlg) for an unsupported key or signature algorithm;
+    ScepFailure(badMessageCheck) if the self-signature does not verify.
+
+    A CSR with version 1 or 2 instead of 0 is accepted (some clients send it): the
+    returned object then has version 0, so its own ``is_signature_valid`` is False;
+    the proof of possession was checked here over the bytes as received.
+    """
+    csr, legacy = _load_csr(der)
+    try:
+        csr.public_key()
+        valid = csr.is_signature_valid if legacy is None else _legacy_pop_valid(csr, legacy)
+    except UnsupportedAlgorithm as exc:
+        raise ScepFailure(FailInfo.badAlg, f"CSR: {_one_line(exc)}") from None
+    except ValueError as exc:
+        raise MalformedRequest(f"CSR: {_one_line(exc)}") from None
+    if not valid:
+        raise ScepFailure(FailInfo.badMessageCheck, "the CSR's signature (proof of possession) does not verify")
+    return csr
+
+
+@_guard("CSR challengePassword")
+def challenge_password(csr: x509.CertificateSigningRequest) -> Optional[str]:
+    """The PKCS#9 challengePassword of a CSR (any directory string type), or None."""
+    request = asn1_csr.CertificationRequest.load(csr.public_bytes(serialization.Encoding.DER))
+    attributes = request["certification_request_info"]["attributes"]
+    if _is_absent(attributes):
+        return None
+    attrs = _read_attributes(_der_tlv(0x31, attributes.contents), "CSR attributes")
+    return _string_attr(attrs, OID_CHALLENGE_PASSWORD, "challengePassword")
+
+
+# --- convenience builders --------------------------------------------------------------
+
+def build_request(message_type: int, inner: bytes, *, recipient_cert: x509.Certificate, signer_key,
+                  signer_cert: x509.Certificate, transaction_id: str, sender_nonce: bytes,
+                  cipher: str = "aes256", digest: str = "sha256", oaep: bool = False,
+                  extra_certs: Iterable[x509.Certificate] = (),
+                  signing_time: Optional[datetime.datetime] = None,
+                  random: Callable[[int], bytes] = os.urandom) -> bytes:
+    """A client request: inner encrypted to recipient_cert (the CA/RA), then signed."""
+    envelope = build_envelope(inner, recipient_cert, cipher, oaep, random=random)
+    return build_signed(message_type=message_type, transaction_id=transaction_id,
+                        sender_nonce=sender_nonce, signer_key=signer_key, signer_cert=signer_cert,
+                        digest=digest, content=envelope, extra_certs=extra_certs,
+                        signing_time=signing_time)
+
+
+def build_pkcs_req(csr, **kwargs) -> bytes:
+    """PKCSReq (or RenewalReq with message_type=) for a CSR object or DER; kwargs as build_request."""
+    der = csr if isinstance(csr, (bytes, bytearray)) else csr.public_bytes(serialization.Encoding.DER)
+    message_type = kwargs.pop("message_type", MessageType.PKCSReq)
+    return build_request(message_type, bytes(der), **kwargs)
+
+
+def build_cert_poll(issuer: x509.Name, subject: x509.Name, **kwargs) -> bytes:
+    """CertPoll (IssuerAndSubject); kwargs as build_request."""
+    return build_request(MessageType.CertPoll, build_issuer_and_subject(issuer, subject), **kwargs)
+
+
+def build_get_cert(issuer: x509.Name, serial: int, **kwargs) -> bytes:
+    """GetCert (IssuerAndSerialNumber); kwargs as build_request."""
+    return build_request(MessageType.GetCert, build_issuer_and_serial(issuer, serial), **kwargs)
+
+
+def build_get_crl(issuer: x509.Name, serial: int, **kwargs) -> bytes:
+    """GetCRL (IssuerAndSerialNumber of a certificate); kwargs as build_request."""
+    return build_request(MessageType.GetCRL, build_issuer_and_serial(issuer, serial), **kwargs)
+
+
+def build_cert_rep(*, request: SignedMessage, pki_status: PkiStatus, signer_key,
+                   signer_cert: x509.Certificate, sender_nonce: bytes,
+                   certs: Sequence[x509.Certificate] = (),
+                   crls: Sequence[x509.CertificateRevocationList] = (),
+                   cipher: Optional[str] = None, fail_info: Optional[int] = None,
+                   fail_info_text: Optional[str] = None, digest: Optional[str] = None,
+                   extra_certs: Iterable[x509.Certificate] = (),
+                   signing_time: Optional[datetime.datetime] = None,
+                   random: Callable[[int], bytes] = os.urandom) -> bytes:
+    """A CertRep answering request (same transactionID, recipientNonce = its senderNonce).
+
+    SUCCESS: a degenerate PKCS#7 of certs (and crls, for GetCRL) encrypted with ``cipher``
+    (pass the one decrypt_envelope reported for the request) to the requester's signer
+    certificate. FAILURE: fail_info (required) and fail_info_text, no content. PENDING: no
+    content. ``digest`` defaults to the request's. ``sender_nonce`` is the server's fresh one.
+    """
+    pki_status = PkiStatus(pki_status)
+    content = None
+    if pki_status is PkiStatus.SUCCESS:
+        if not certs and not crls:
+            raise ValueError("a SUCCESS CertRep needs certificates or CRLs")
+        if cipher is None:
+            raise ValueError("a SUCCESS CertRep needs the cipher the request used")
+        content = build_envelope(degenerate_pkcs7(certs, crls), request.signer_cert, cipher, random=random)
+        fail_info = fail_info_text = None
+    elif pki_status is PkiStatus.FAILURE:
+        if fail_info is None:
+            raise ValueError("a FAILURE CertRep needs fail_info")
+    else:
+        fail_info = fail_info_text = None
+    if digest is None:
+        digest = request.digest if request.digest in _HASHES else "sha256"
+    return build_signed(message_type=MessageType.CertRep, transaction_id=request.transaction_id,
+                        sender_nonce=sender_nonce, recipient_nonce=request.sender_nonce,
+                        signer_key=signer_key, signer_cert=signer_cert, digest=digest,
+                        content=content, pki_status=pki_status, fail_info=fail_info,
+                        fail_info_text=fail_info_text, extra_certs=extra_certs,
+                        signing_time=signing_time)
+
+
+# --- identifiers -----------------------------------------------------------------------
+
+def new_transaction_id(public_key) -> str:
+    """A transactionID for a key: upper-case hex SHA-256 of its SubjectPublicKeyInfo.
+
+    The same key gives the same ID (strongSwan does the same with SHA-1), which is what
+    lets a client poll for or re-send a request.
+    """
+    spki = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(spki).hexdigest().upper()
+
+
+def new_nonce(random: Callable[[int], bytes] = os.urandom) -> bytes:
+    """A fresh 16-byte senderNonce."""
+    return random(16)
