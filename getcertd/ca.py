@@ -104,7 +104,7 @@ class CertificateAuthority:
 
     def issue_ra(self, ra_key, now, lifetime: datetime.timedelta, random=os.urandom) -> x509.Certificate:
         """The RA certificate: decrypts requests and signs CertReps (digitalSignature + keyEncipherment)."""
-        subject = x509.Name(list(self.certificate.subject) + [
+        subject = x509.Name(list(self.certificate.subject.rdns) + [
             x509.RelativeDistinguishedName([x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "SCEP RA")])])
         not_after = min(now + lifetime, self.not_after())
         b = (self._builder(subject, ra_key.public_key(), now - datetime.timedelta(hours=1), not_after,

@@ -11,7 +11,9 @@ import getpass
 import hashlib
 import os
 import socket
+import select
 import sys
+import time
 from io import BytesIO
 from urllib.parse import urlsplit
 
@@ -60,7 +62,14 @@ def peer_chain(host: str, port: int, timeout: float = 15.0):
         conn = SSL.Connection(ctx, sock)
         conn.set_tlsext_host_name(host.encode("idna"))
         conn.set_connect_state()
-        conn.do_handshake()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                conn.do_handshake()
+                break
+            except (SSL.WantReadError, SSL.WantWriteError):
+                if time.monotonic() > deadline or not select.select([sock], [], [], 1.0):
+                    raise OSError("TLS handshake timed out")
         return [c.to_cryptography() for c in conn.get_peer_cert_chain() or []]
     finally:
         sock.close()
@@ -94,7 +103,7 @@ def trust_anchors(args, host, port):
     try:
         chain = peer_chain(host, port)
     except (OSError, SSL.Error) as e:
-        raise ClientError(f"can't reach {host}:{port}: {e}")
+        raise ClientError(f"can't reach {host}:{port}: {e or type(e).__name__}")
     for cert in chain:
         if _sha256_hex(cert) == want:
             return [cert]

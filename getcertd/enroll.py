@@ -12,13 +12,14 @@ from typing import Optional
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from getcertd import scep
 from getcertd.ca import random_serial
 from getcertd.auth import Accept, Challenge, ChallengeStore, Identity
-from getcertd.errors import AuthenticationRequired, AuthUnavailable, FailInfo, ScepFailure
+from getcertd.errors import AuthenticationRequired, AuthUnavailable, FailInfo, MalformedRequest, ScepFailure
 from getcertd.issuance import Record
 
 log = Logger()
@@ -72,7 +73,12 @@ class EnrollmentService:
         return defer.Deferred.fromCoroutine(self._pki_operation(der, credentials, client, secure))
 
     async def _pki_operation(self, der, credentials, client, secure):
-        msg = scep.parse_signed(der)  # MalformedRequest: HTTP 400
+        try:
+            msg = scep.parse_signed(der)
+        except ScepFailure as failure:  # parsed, but the signature or an algorithm is not acceptable
+            if getattr(failure, "request", None) is None:
+                raise MalformedRequest(failure.text) from None
+            return await self._refuse(failure.request, failure, client)
         try:
             if msg.message_type in (scep.MessageType.PKCSReq, scep.MessageType.RenewalReq):
                 cert, cipher = await self._enroll(msg, credentials, client, secure)
@@ -84,13 +90,16 @@ class EnrollmentService:
                 return await self._get_crl(msg)
             else:
                 raise ScepFailure(FailInfo.badRequest, f"unsupported messageType {msg.message_type}")
+            return await self._reply(msg, scep.PkiStatus.SUCCESS, content=scep.degenerate_pkcs7([cert]),
+                                     cipher=cipher)
         except ScepFailure as failure:
-            self._count("refused", failure.fail_info.name)
-            log.info("SCEP {type} from {client} refused: {reason}", type=msg.message_type, client=client,
-                     reason=failure)
-            return await self._reply(msg, scep.PkiStatus.FAILURE, fail_info=failure.fail_info,
-                                     fail_info_text=failure.text)
-        return await self._reply(msg, scep.PkiStatus.SUCCESS, content=scep.degenerate_pkcs7([cert]), cipher=cipher)
+            return await self._refuse(msg, failure, client)
+
+    def _refuse(self, msg, failure, client):
+        self._count("refused", failure.fail_info.name)
+        log.info("SCEP messageType {type} from {client} refused: {reason}", type=msg.message_type, client=client,
+                 reason=failure)
+        return self._reply(msg, scep.PkiStatus.FAILURE, fail_info=failure.fail_info, fail_info_text=failure.text)
 
     def _count(self, *key):
         if self.stats is not None:
@@ -116,6 +125,9 @@ class EnrollmentService:
                                self.allow_legacy_des)
 
     async def _enroll(self, msg, credentials, client, secure):
+        if not isinstance(msg.signer_cert.public_key(), rsa.RSAPublicKey):
+            raise ScepFailure(FailInfo.badAlg, "the message signer needs an RSA key: SCEP returns the certificate "
+                                               "encrypted to it (the CSR's own key may be EC or Ed25519)")
         plaintext, cipher = await self._decrypt(msg)
         csr = scep.parse_csr(plaintext)
         public_key = csr.public_key()
@@ -123,7 +135,7 @@ class EnrollmentService:
 
         previous = self.log.by_transaction(msg.transaction_id)
         if previous is not None:
-            cert = self.log.certificate(previous.serial)
+            cert = await self._certificate(previous.serial)
             if cert is not None and _spki(cert.public_key()) == spki:
                 log.info("SCEP retry of transaction {tid}: the certificate already issued", tid=msg.transaction_id)
                 return cert, cipher
@@ -245,11 +257,12 @@ class EnrollmentService:
         serial = self._new_serial()
         cert = await self.run_crypto(self.ca.issue, public_key, decision.subject, decision.san, decision.not_before,
                                      decision.not_after, serial, decision.eku, self.crl_url)
-        record = Record.from_certificate(cert, user=identity.user, profile=decision.profile,
-                                         key_type=decision.key_type, transaction_id=transaction_id, client=client,
-                                         auth_method=identity.method, issued_at=int(self.clock.seconds()))
-        await self.journal.append_issue(record, cert)  # StorageUnavailable: 503, nothing leaves the server
-        self.log.add(record, cert)
+        record = Record(serial, identity.user, decision.profile, decision.subject.rfc4514_string(),
+                        ", ".join(str(g.value) for g in decision.san), decision.key_type,
+                        int(decision.not_before.timestamp()), int(decision.not_after.timestamp()), transaction_id,
+                        client, identity.method, int(self.clock.seconds()))
+        # Journalled and fsynced before anything leaves the server; StorageUnavailable becomes a 503.
+        await self.journal.record_issue(record, cert.public_bytes(serialization.Encoding.DER))
         self._count("issued", decision.profile)
         log.info("issued serial {serial:x} to {user!r} ({profile}, until {until}) for {client}", serial=serial,
                  user=identity.user, profile=decision.profile, until=decision.not_after.isoformat(), client=client)
@@ -261,11 +274,15 @@ class EnrollmentService:
             if self.log.get(serial) is None:
                 return serial
 
+    async def _certificate(self, serial):
+        der = await self.journal.certificate(serial)
+        return x509.load_der_x509_certificate(der) if der is not None else None
+
     async def _poll(self, msg):
         """CertPoll: the certificate issued for this transactionID (automatic mode never leaves one pending)."""
         _content, cipher = await self._decrypt(msg)
         record = self.log.by_transaction(msg.transaction_id)
-        cert = self.log.certificate(record.serial) if record is not None else None
+        cert = await self._certificate(record.serial) if record is not None else None
         if cert is None:
             raise ScepFailure(FailInfo.badCertId, "no certificate is known for this transactionID")
         return cert, cipher
@@ -273,7 +290,7 @@ class EnrollmentService:
     async def _get_cert(self, msg):
         content, cipher = await self._decrypt(msg)
         issuer, serial = scep.parse_issuer_and_serial(content)
-        cert = self.log.certificate(serial) if issuer == self.ca.certificate.subject else None
+        cert = await self._certificate(serial) if issuer == self.ca.certificate.subject else None
         if cert is None:
             raise ScepFailure(FailInfo.badCertId, f"no certificate of this CA with serial {serial:x} is known")
         return cert, cipher

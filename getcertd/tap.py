@@ -107,7 +107,8 @@ def _make(config, reactor, now):
     journal_path = os.path.join(config.state_dir, "journal")
     count = replay(journal_path, issuance_log)
     log.info("issuance log: {count} records replayed from {path}", count=count, path=journal_path)
-    journal = Journal(journal_path, reactor)
+    journal = Journal(journal_path, issuance_log, reactor)
+    journal.setServiceParent(top)  # named "journal"; stopping it flushes and closes the file
 
     if config.auth_backend == "local":
         authenticator = LocalAuthenticator(state.users_loader(config.users_file), reactor)
@@ -151,21 +152,7 @@ def _make(config, reactor, now):
         http = strports.service(config.http_listen, site(False))
         http.setName("http")
         http.setServiceParent(top)
-    journal_service = JournalService(journal)
-    journal_service.setName("journal")
-    journal_service.setServiceParent(top)
     log.info("SCEP at {url}", url=scep_url)
     top.enrollment = enrollment
     top.issuance_log = issuance_log
     return top
-
-
-class JournalService(service.Service):
-    """Flushes and closes the journal on shutdown (SIGTERM): in-flight records are on disk before exit."""
-
-    def __init__(self, journal):
-        self.journal = journal
-
-    def stopService(self):
-        super().stopService()
-        return self.journal.close()

@@ -1,0 +1,172 @@
+"""The appliance end to end: a real `twistd getcertd` process, enrolled by `getcert` as a separate process."""
+import base64
+import os
+import stat
+import subprocess
+import sys
+import urllib.parse
+import zipfile
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from getcertd import scep
+from getcertd.errors import FailInfo
+from scepclient import Requester, basic, csr_der, get_ca_certs, http, rsa_key
+
+
+def openssl(*args, input=None):
+    return subprocess.run(["openssl", *args], input=input, capture_output=True)
+
+
+@pytest.fixture
+def app(appliance_factory):
+    return appliance_factory(users={"alice": "alice pass", "bob": "bob-pass"})
+
+
+def test_getcert_enrolls_and_openssl_verifies(app, tmp_path):
+    out = tmp_path / "out"
+    p = app.getcert("alice", ["alice pass"], out)
+    assert p.returncode == 0, p.stderr
+    assert stat.S_IMODE(os.stat(out / "key.pem").st_mode) == 0o600
+    v = openssl("verify", "-CAfile", str(out / "ca.pem"), str(out / "cert.pem"))
+    assert v.returncode == 0, v.stdout + v.stderr
+    cert = x509.load_pem_x509_certificate((out / "cert.pem").read_bytes())
+    assert cert.subject.rfc4514_string() == "CN=alice,OU=remote-access,O=getcertd"
+    assert (out / "ca.pem").read_bytes() == open(app.ca_pem, "rb").read()
+    key = serialization.load_pem_private_key((out / "key.pem").read_bytes(), None)
+    assert key.public_key().public_numbers() == cert.public_key().public_numbers()
+    assert "issued serial" in app.log() and "alice pass" not in app.log()
+
+
+def test_getcert_ec_key_and_fingerprint_pinning(app, tmp_path):
+    ca = x509.load_pem_x509_certificate(open(app.ca_pem, "rb").read())
+    fp = "sha256:" + ca.fingerprint(hashes.SHA256()).hex()
+    p = app.getcert("bob", ["bob-pass"], tmp_path / "o", "--ca-fingerprint", fp, "--key-type", "ec-p256")
+    assert p.returncode == 0, p.stderr
+    cert = x509.load_pem_x509_certificate((tmp_path / "o" / "cert.pem").read_bytes())
+    assert cert.public_key().curve.name == "secp256r1"
+    bad = app.getcert("bob", ["bob-pass"], tmp_path / "x", "--ca-fingerprint", "sha256:" + "00" * 32)
+    assert bad.returncode != 0 and "fingerprint" in bad.stderr
+
+
+def test_wrong_password_and_untrusted_server_refused(app, tmp_path):
+    p = app.getcert("alice", ["wrong"], tmp_path / "bad")
+    assert p.returncode != 0 and "authentication failed" in p.stderr
+    p = app.getcert("nosuchuser", ["whatever"], tmp_path / "bad2")
+    assert p.returncode != 0 and "authentication failed" in p.stderr
+    other = tmp_path / "other.pem"
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout",
+            str(tmp_path / "other.key"), "-subj", "/CN=other", "-days", "1", "-out", str(other))
+    p = app.getcert("alice", ["alice pass"], tmp_path / "mitm", cafile=str(other))
+    assert p.returncode != 0 and "not trusted" in p.stderr
+    assert not (tmp_path / "mitm" / "key.pem").exists()
+
+
+def test_getcacaps_getcacert_chain(app):
+    for path in ("/scep", "/cgi-bin/pkiclient.exe"):
+        url = f"https://localhost:{app.port}{path}"
+        status, headers, caps = http(url + "?operation=GetCACaps", cafile=app.ca_pem)
+        assert status == 200 and headers["Content-Type"].startswith("text/plain")
+        for cap in (b"POSTPKIOperation", b"SHA-256", b"AES", b"SCEPStandard", b"Renewal"):
+            assert cap in caps.split()
+    status, headers, body = http(app.url + "?operation=GetCACert", cafile=app.ca_pem)
+    assert headers["Content-Type"] == "application/x-x509-ca-ra-cert"
+    p = openssl("pkcs7", "-inform", "DER", "-print_certs", input=body)
+    assert p.returncode == 0 and p.stdout.count(b"BEGIN CERTIFICATE") == 2
+    certs = scep.parse_degenerate(body)[0]
+    ca = [c for c in certs if c.issuer == c.subject]
+    assert len(ca) == 1 and ca[0].public_bytes(serialization.Encoding.PEM) == open(app.ca_pem, "rb").read()
+    ra = [c for c in certs if c.issuer != c.subject][0]
+    ku = ra.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert ku.digital_signature and ku.key_encipherment
+    status, headers, body = http(app.url + "?operation=GetCACertChain", cafile=app.ca_pem)
+    assert status == 200 and len(scep.parse_degenerate(body)[0]) == 2
+
+
+def test_lone_ca_without_ra(appliance_factory):
+    app = appliance_factory(sections={"ca": {"ra": "no", "key_type": "ec-p256"}})
+    status, headers, body = http(app.url + "?operation=GetCACert", cafile=app.ca_pem)
+    assert headers["Content-Type"] == "application/x-x509-ca-cert"
+    assert x509.load_der_x509_certificate(body).issuer == x509.load_der_x509_certificate(body).subject
+
+
+def test_pkioperation_401_then_basic_by_post_and_get(app):
+    certs = get_ca_certs(app.url, app.ca_pem)
+    r = Requester(certs)
+    msg = r.message()
+    status, headers, body = http(app.url + "?operation=PKIOperation", data=msg, cafile=app.ca_pem)
+    assert status == 401 and headers["WWW-Authenticate"].startswith('Basic realm="getcertd"')
+    status, headers, body = http(app.url + "?operation=PKIOperation", data=msg, cafile=app.ca_pem,
+                                 headers=basic("alice", "alice pass"))
+    assert status == 200 and headers["Content-Type"] == "application/x-pki-message"
+    rep, issued = r.open_reply(body)
+    assert rep.pki_status == scep.PkiStatus.SUCCESS and len(issued) == 1
+    # the same by GET, with the base64 left unescaped ('+' and '/' raw), as many clients send it
+    r2 = Requester(certs)
+    b64 = base64.b64encode(r2.message(cipher="des3", digest="sha1")).decode()
+    assert "+" in b64 or "/" in b64
+    status, headers, body = http(app.url + "?operation=PKIOperation&message=" + b64, cafile=app.ca_pem,
+                                 headers=basic("bob", "bob-pass"))
+    assert status == 200
+    rep, issued = r2.open_reply(body)
+    assert rep.pki_status == scep.PkiStatus.SUCCESS
+    assert issued[0].subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == "bob"
+    # percent-escaped too
+    r3 = Requester(certs)
+    q = urllib.parse.quote(base64.b64encode(r3.message()).decode(), safe="")
+    status, _, body = http(app.url + "?operation=PKIOperation&message=" + q, cafile=app.ca_pem,
+                           headers=basic("bob", "bob-pass"))
+    assert status == 200 and r3.open_reply(body)[0].pki_status == scep.PkiStatus.SUCCESS
+
+
+def test_refusals_are_failure_certreps_and_garbage_is_400(app):
+    certs = get_ca_certs(app.url, app.ca_pem)
+    weak = Requester(certs)
+    small = rsa_key(1024)
+    msg = weak.message(inner=csr_der(small))
+    status, _, body = http(app.url + "?operation=PKIOperation", data=msg, cafile=app.ca_pem,
+                           headers=basic("alice", "alice pass"))
+    assert status == 200
+    rep, _ = weak.open_reply(body)
+    assert rep.pki_status == scep.PkiStatus.FAILURE and rep.fail_info == FailInfo.badAlg
+    assert "2048" in rep.fail_info_text and rep.content is None
+    v = openssl("cms", "-verify", "-inform", "DER", "-noverify", "-content", os.devnull, "-out", os.devnull, input=body)
+    assert v.returncode == 0, v.stderr
+    for garbage in (b"hello", b"\x30\x03\x02\x01\x01", b""):
+        status, headers, body = http(app.url + "?operation=PKIOperation", data=garbage, cafile=app.ca_pem)
+        assert status == 400 and body.count(b"\n") == 1 and b"Traceback" not in body
+    status, _, body = http(app.url + "?operation=PKIOperation&message=%%%%", cafile=app.ca_pem)
+    assert status == 400
+    status, _, body = http(app.url + "?operation=Nonsense", cafile=app.ca_pem)
+    assert status == 400 and b"unsupported operation" in body
+
+
+def test_state_dir_and_key_modes(app):
+    assert stat.S_IMODE(os.stat(app.state_dir).st_mode) == 0o700
+    for name in ("ca.key", "ra.key", "tls.key"):
+        assert stat.S_IMODE(os.stat(os.path.join(app.state_dir, name)).st_mode) == 0o600
+
+
+def test_refuses_to_start_with_readable_ca_key(app, appliance_factory):
+    app.stop()
+    os.chmod(os.path.join(app.state_dir, "ca.key"), 0o644)
+    with pytest.raises(RuntimeError, match="readable by others"):
+        app.start()
+
+
+def test_wheel_contains_the_plugin(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = tmp_path / "src"
+    src.mkdir()
+    subprocess.run(["git", "-C", root, "archive", "--format=tar", "HEAD", "-o", str(tmp_path / "src.tar")], check=True)
+    subprocess.run(["tar", "-xf", str(tmp_path / "src.tar"), "-C", str(src)], check=True)
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel",
+                        "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(src)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    wheel = next((tmp_path / "dist").glob("getcertd-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "twisted/plugins/getcertd_plugin.py" in names
+    assert "twisted/plugins/__init__.py" not in names and "getcertd/tap.py" in names
