@@ -177,8 +177,8 @@ class ScepResource(resource.Resource):
             if basic is not None:
                 if not self.secure:
                     raise HttpError(403, "HTTP authentication is refused over plain HTTP; use HTTPS")
-                token = request.getHeader(CHALLENGE_HEADER) or ""
-                credentials = Credentials(basic[0], basic[1], token.strip()[:200] if token else "")
+                token = (request.getHeader(CHALLENGE_HEADER) or b"").strip()[:200].decode("ascii", "replace")
+                credentials = Credentials(basic[0], basic[1], token)
             client = request.getClientAddress()
             client = getattr(client, "host", str(client))
         except Exception:

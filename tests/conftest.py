@@ -8,7 +8,8 @@ def appliance_factory(tmp_path):
     """Start appliances in the test's temp dir; every process is stopped by pid at the end."""
     started = []
 
-    def make(sections=None, users=None, http=False, name="a"):
+    def make(sections=None, users=None, http=False, name=None):
+        name = name or f"app{len(started)}"
         d = tmp_path / name
         d.mkdir()
         app = Appliance(d, sections, users or {"alice": "alice-pass"}, http=http)

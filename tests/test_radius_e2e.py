@@ -1,0 +1,133 @@
+"""RADIUS end to end: `getcert` against a real `twistd getcertd` whose backend is a real FreeRADIUS."""
+import datetime
+import os
+import socket
+import time
+
+import pytest
+from cryptography import x509
+
+from freeradius import running_freeradius
+from scepclient import Requester, basic, get_ca_certs, http
+from getcertd import scep
+from getcertd.errors import FailInfo
+
+
+@pytest.fixture(scope="module")
+def radius_server():
+    with running_freeradius() as srv:
+        yield srv
+
+
+def radius_app(appliance_factory, srv, servers=None, **extra):
+    secret_file = os.path.join(os.path.dirname(srv.config_dir), f"secret-{os.getpid()}-{time.monotonic_ns()}")
+    with open(secret_file, "wb") as f:
+        f.write(srv.secret)
+    os.chmod(secret_file, 0o600)
+    sections = {
+        "auth": {"backend": "radius", "users": ""},
+        "radius": {"servers": servers or f"{srv.host}:{srv.port}", "secret_file": secret_file,
+                   "timeout": "1s", "retries": "1"},
+        "policy": {"profile_map": "ikev2-short=short"},
+        "profile short": {"lifetime": "30m", "subject": "CN={user}, OU=short, O=getcertd"},
+    }
+    sections.update(extra)
+    return appliance_factory(sections=sections, users={}, http=True)
+
+
+def cert_of(out):
+    return x509.load_pem_x509_certificate(open(os.path.join(out, "cert.pem"), "rb").read())
+
+
+def test_pap_user_enrolls(appliance_factory, radius_server, tmp_path):
+    app = radius_app(appliance_factory, radius_server)
+    p = app.getcert("alice", ["alice-pass"], tmp_path / "a")
+    assert p.returncode == 0, p.stderr + app.log()[-3000:]
+    assert cert_of(tmp_path / "a").subject.rfc4514_string() == "CN=alice,OU=remote-access,O=getcertd"
+    p = app.getcert("alice", ["wrong"], tmp_path / "w")
+    assert p.returncode != 0 and "authentication failed" in p.stderr
+    p = app.getcert("nosuch", ["alice-pass"], tmp_path / "n")
+    assert p.returncode != 0 and "authentication failed" in p.stderr
+    assert "alice-pass" not in app.log()
+
+
+def test_challenge_response_one_and_two_rounds(appliance_factory, radius_server, tmp_path):
+    app = radius_app(appliance_factory, radius_server)
+    p = app.getcert("bob", ["bob-pass", "123456"], tmp_path / "b")
+    assert p.returncode == 0, p.stderr
+    assert "Enter token code" in p.stderr  # the Reply-Message was shown to the user
+    p = app.getcert("carol", ["carol-pass", "111111", "222222"], tmp_path / "c")
+    assert p.returncode == 0, p.stderr
+    assert "Enter second token code" in p.stderr
+    p = app.getcert("bob", ["bob-pass", "999999"], tmp_path / "bad")
+    assert p.returncode != 0
+    assert "123456" not in app.log() and "bob-pass" not in app.log()
+
+
+def test_challenge_header_protocol(appliance_factory, radius_server):
+    """The 401 continuation as a client sees it on the wire (documented in README)."""
+    app = radius_app(appliance_factory, radius_server)
+    r = Requester(get_ca_certs(app.url, app.ca_pem))
+    msg = r.message()
+    url = app.url + "?operation=PKIOperation"
+    status, headers, body = http(url, data=msg, cafile=app.ca_pem, headers=basic("bob", "bob-pass"))
+    assert status == 401 and headers.get("Getcertd-Challenge") and b"Enter token code" in body
+    token = headers["Getcertd-Challenge"]
+    # a token is bound to its user: another user can't answer it
+    status, headers2, _ = http(url, data=msg, cafile=app.ca_pem,
+                               headers={**basic("alice", "123456"), "Getcertd-Challenge": token})
+    assert status == 401 and not headers2.get("Getcertd-Challenge")
+    status, headers, body = http(url, data=msg, cafile=app.ca_pem, headers=basic("bob", "bob-pass"))
+    token = headers["Getcertd-Challenge"]
+    status, _, body = http(url, data=msg, cafile=app.ca_pem,
+                           headers={**basic("bob", "123456"), "Getcertd-Challenge": token})
+    assert status == 200 and r.open_reply(body)[0].pki_status == scep.PkiStatus.SUCCESS
+
+
+def test_session_timeout_and_class_feed_policy(appliance_factory, radius_server, tmp_path):
+    app = radius_app(appliance_factory, radius_server)
+    p = app.getcert("dave", ["dave-pass"], tmp_path / "d")
+    assert p.returncode == 0, p.stderr
+    cert = cert_of(tmp_path / "d")
+    assert cert.subject.rfc4514_string() == "CN=dave,OU=short,O=getcertd"  # Class ikev2-short -> profile short
+    life = cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc)
+    assert datetime.timedelta(seconds=500) < life <= datetime.timedelta(seconds=600)  # Session-Timeout 600 < 30m
+
+
+def test_challenge_password_over_plain_http(appliance_factory, radius_server):
+    app = radius_app(appliance_factory, radius_server)
+    certs = get_ca_certs(app.url, app.ca_pem)
+    r = Requester(certs)
+    status, _, body = http(app.http_url + "?operation=PKIOperation", data=r.message(challenge="alice-pass", cn="alice"))
+    assert status == 200 and r.open_reply(body)[0].pki_status == scep.PkiStatus.SUCCESS
+    r = Requester(certs)
+    status, _, body = http(app.http_url + "?operation=PKIOperation", data=r.message(challenge="wrong", cn="alice"))
+    rep, _ = r.open_reply(body)
+    assert rep.pki_status == scep.PkiStatus.FAILURE and rep.fail_info == FailInfo.badRequest
+    status, _, body = http(app.http_url + "?operation=PKIOperation", data=r.message(), headers=basic("alice", "x"))
+    assert status == 403 and b"HTTPS" in body
+
+
+def test_failover_and_radius_down(appliance_factory, radius_server, tmp_path):
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    try:
+        port = silent.getsockname()[1]
+        app = radius_app(appliance_factory, radius_server, servers=f"127.0.0.1:{port} {radius_server.host}:{radius_server.port}")
+        p = app.getcert("alice", ["alice-pass"], tmp_path / "f")
+        assert p.returncode == 0, p.stderr  # the silent first server is skipped after its timeouts
+        down = radius_app(appliance_factory, radius_server, servers=f"127.0.0.1:{port}")
+        r = Requester(get_ca_certs(down.url, down.ca_pem))
+        t0 = time.monotonic()
+        status, headers, body = http(down.url + "?operation=PKIOperation", data=r.message(), cafile=down.ca_pem,
+                                     headers=basic("alice", "alice-pass"))
+        elapsed = time.monotonic() - t0
+        assert status == 503 and headers.get("Retry-After") and elapsed < 2 * 1.0 + 1.5
+        status, _, _ = http(down.url + "?operation=GetCACaps", cafile=down.ca_pem)
+        assert status == 200  # everything else keeps serving
+        status, _, body = http(down.http_url + "?operation=PKIOperation",
+                               data=r.message(challenge="alice-pass", cn="alice"))
+        rep, _ = r.open_reply(body)
+        assert rep.pki_status == scep.PkiStatus.FAILURE and "unavailable" in rep.fail_info_text
+    finally:
+        silent.close()
