@@ -96,6 +96,13 @@ def _make(config, reactor, now):
 
     state.ensure_state_dir(config.state_dir)
     ca = state.load_or_create_ca(config, now, log)
+    if ca.not_after() <= now:
+        # Nothing can be issued from it, our own RA and TLS certificates included: say so instead of a traceback.
+        if config.ra or not config.https_certificate:
+            raise ConfigError(f"the CA certificate expired on {ca.not_after():%Y-%m-%d %H:%M} UTC: getcertd can't "
+                              "issue its RA or TLS certificate from it; configure a valid [ca] certificate")
+        log.warn("the CA certificate expired on {when}: every enrollment is refused with badTime",
+                 when=ca.not_after().isoformat())
     if config.ra:
         ra_key, ra_cert = state.load_or_create_ra(config, ca, now)
     else:
