@@ -241,3 +241,15 @@ def test_apple_pkcsreq_answered_by_appliance(appliance_factory, apple_ca, tls_fi
     else:
         assert reply.pki_status == scep.PkiStatus.SUCCESS and certs[0].issuer == ca_cert.subject
     assert "refused: badAlg" in app.log()
+
+
+@pytest.mark.filterwarnings("ignore:Attribute's length")
+def test_expired_ca_refused_at_start_when_it_must_issue_ra_or_tls(appliance_factory, apple_ca):
+    key_path, cert_path = apple_ca
+    ca_cert = x509.load_pem_x509_certificate(open(cert_path, "rb").read())
+    if ca_cert.not_valid_after_utc > datetime.datetime.now(datetime.timezone.utc):
+        pytest.fail("the clock reads before 2026-05-29, when the Apple vector's CA expired")
+    with pytest.raises(RuntimeError) as caught:
+        appliance_factory(sections={"ca": {"certificate": cert_path, "key": key_path}})
+    assert "the CA certificate expired on 2026-05-29" in str(caught.value)
+    assert "can't issue its RA or TLS certificate" in str(caught.value)
