@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from twisted.internet import defer, ssl, task, threads
@@ -277,9 +278,63 @@ async def enroll(reactor, args, password_source):
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), 0o600)
     _write(os.path.join(args.out, "cert.pem"), _pem(cert), 0o644)
     _write(os.path.join(args.out, "ca.pem"), _pem(ca), 0o644)
+    if args.p12:
+        p12_password = password_source("Password for getcert.p12", secret_kind="p12")
+        _write(os.path.join(args.out, "getcert.p12"), pkcs12.serialize_key_and_certificates(
+            b"getcert", key, cert, [ca], serialization.BestAvailableEncryption(p12_password.encode("utf-8"))
+            if p12_password else serialization.NoEncryption()), 0o600)
+    if args.swanctl:
+        write_swanctl(args.out, args.swanctl, cert)
     print(f"getcert: issued {cert.subject.rfc4514_string()}, serial {cert.serial_number:X}, "
           f"valid until {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC; files in {args.out}")
     return cert, key, ca
+
+
+def strongswan_id(name: x509.Name) -> str:
+    """A DN as strongSwan writes and matches it: DER order, ', ' between RDNs."""
+    return ", ".join(rdn.rfc4514_string() for rdn in name.rdns)
+
+
+SWANCTL_CONF = """# strongSwan swanctl.conf written by getcert for the certificate in {out}.
+# Load it with:  SWANCTL_DIR={out}/swanctl swanctl --load-all --file {out}/swanctl/swanctl.conf
+# (swanctl reads private keys from its private/ directory: {out}/swanctl/private/getcert.pem is key.pem.)
+connections {{
+    getcertd {{
+        version = 2
+        remote_addrs = {gateway}
+        vips = 0.0.0.0
+        local {{
+            auth = pubkey
+            certs = {out}/cert.pem
+            id = "{local_id}"
+        }}
+        remote {{
+            auth = pubkey
+            id = {gateway}
+            cacerts = {out}/ca.pem
+        }}
+        children {{
+            getcertd {{
+                remote_ts = 0.0.0.0/0
+            }}
+        }}
+    }}
+}}
+"""
+
+
+def write_swanctl(out, gateway, cert):
+    """DIR/swanctl/swanctl.conf with the paths filled in, and the key where swanctl looks for keys."""
+    out = os.path.abspath(out)
+    if not gateway or any(c in gateway for c in ' "{}\n#'):
+        raise ClientError("--swanctl: expected the gateway's address or DNS name")
+    base = os.path.join(out, "swanctl")
+    for sub in ("", "private", "x509", "x509ca"):
+        os.makedirs(os.path.join(base, sub), mode=0o700, exist_ok=True)
+    with open(os.path.join(out, "key.pem"), "rb") as f:
+        _write(os.path.join(base, "private", "getcert.pem"), f.read(), 0o600)
+    _write(os.path.join(base, "swanctl.conf"), SWANCTL_CONF.format(
+        out=out, gateway=gateway, local_id=strongswan_id(cert.subject).replace('"', '\\"')).encode(), 0o644)
 
 
 def _write(path, data, mode):
@@ -293,14 +348,19 @@ def _write(path, data, mode):
 
 def password_reader(use_stdin: bool):
     """A function giving the password first, then a response for each challenge prompt."""
-    def read(prompt):
-        if use_stdin:
+    def read(prompt, secret_kind="password"):
+        if use_stdin or secret_kind == "p12" and not sys.stdin.isatty():
             if prompt:
                 print(f"getcert: {prompt}", file=sys.stderr)
             line = sys.stdin.readline()
             if not line:
                 raise ClientError("standard input ended before a password or response was read")
             return line.rstrip("\r\n")
+        if secret_kind == "p12":
+            first = getpass.getpass(prompt + ": ")
+            if first != getpass.getpass("Again: "):
+                raise ClientError("the PKCS#12 passwords differ")
+            return first
         return getpass.getpass((prompt or "Password") + ": ")
     return read
 
@@ -318,6 +378,10 @@ def main(argv=None):
     trust.add_argument("--ca-fingerprint", help="sha256:HEX of the CA certificate to trust")
     e.add_argument("--out", required=True, help="directory for key.pem, cert.pem, ca.pem")
     e.add_argument("--key-type", default="rsa2048", choices=["rsa2048", "rsa3072", "ec-p256", "ec-p384"])
+    e.add_argument("--p12", action="store_true",
+                   help="also write DIR/getcert.p12; its password is the next line of standard input (or asked)")
+    e.add_argument("--swanctl", metavar="GATEWAY",
+                   help="also write DIR/swanctl/swanctl.conf for a strongSwan client connecting to GATEWAY")
     args = ap.parse_args(argv)
     result = {}
 

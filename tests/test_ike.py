@@ -187,3 +187,34 @@ def test_certificate_from_another_ca_is_refused(ike_peers, enrolled):
     key, cert = ike.issue(other_key, other_ca, "CN=alice,OU=remote-access,O=getcertd")
     ike_peers.add_client("otherca", ike.key_pem(key), ike.cert_pem(cert))
     _assert_refused(ike_peers, "otherca", 'no issuer certificate found for "O=getcertd, OU=remote-access, CN=alice"')
+
+
+def test_getcert_swanctl_snippet_and_p12(ike_peers, appliance_factory, tmp_path):
+    """`getcert enroll --swanctl GATEWAY --p12` output, used as written by a road-warrior client."""
+    app = appliance_factory(users={"alice": "alice pass"})
+    out = tmp_path / "rw"
+    p = app.getcert("alice", ["alice pass", "p12 secret"], out, "--swanctl", GW_OUTER, "--p12")
+    assert p.returncode == 0, p.stderr
+    v = ike._run(["openssl", "pkcs12", "-in", str(out / "getcert.p12"), "-passin", "pass:p12 secret", "-nokeys"])
+    assert "CN = alice" in v.stdout or "CN=alice" in v.stdout
+    ca_key, ca_cert = ike.load_key(os.path.join(app.state_dir, "ca.key")), ike.load_cert(app.ca_pem)
+    gw_key, gw_cert = gateway_certificate(ca_key, ca_cert)
+    gw, client = ike_peers.gw, ike_peers.client
+    gw.add_cacert("ca.pem", open(app.ca_pem).read())
+    gw.add_cert("gateway.pem", ike.cert_pem(gw_cert))
+    gw.add_key("gateway.key", ike.key_pem(gw_key))
+    conn = ike.connection(GW_OUTER, "%any", f"{GW_INNER}/32", "dynamic", "gateway.pem", local_id=GW_OUTER,
+                          remote_id=REMOTE_ACCESS_ID, remote_cacert="ca.pem", child="rw")
+    conn["pools"] = "rw"
+    with open(gw.swanctl_path, "w") as f:
+        f.write(ike._render({"connections": {"rw": conn}, "pools": {"rw": {"addrs": "10.98.3.0/24"}}}))
+    gw.load_all()
+    env = dict(os.environ, SWANCTL_DIR=str(out / "swanctl"), STRONGSWAN_CONF=client.conf_path)
+    load = ike._run([ike.SWANCTL, "--load-all", "--noprompt", "--file", str(out / "swanctl" / "swanctl.conf"),
+                     "--uri", client.uri], check=False, env=env)
+    assert load.returncode == 0, load.stdout + load.stderr
+    up = ike._run([ike.SWANCTL, "--initiate", "--child", "getcertd", "--timeout", "10", "--uri", client.uri],
+                  check=False, env=env, timeout=20)
+    assert up.returncode == 0, (up.stdout + up.stderr)[-3000:] + gw.log()[-3000:]
+    sas = gw.list_sas()
+    assert "ESTABLISHED" in sas and "CN=alice" in sas and "10.98.3." in sas
