@@ -136,10 +136,13 @@ class EnrollmentService:
         previous = self.log.by_transaction(msg.transaction_id)
         if previous is not None:
             cert = await self._certificate(previous.serial)
-            if cert is not None and _spki(cert.public_key()) == spki:
+            if cert is None or _spki(cert.public_key()) != spki:
+                raise ScepFailure(FailInfo.badRequest, "this transactionID was already used for another key")
+            # A retry gets the same certificate. A request signed by that certificate is a renewal with the same
+            # key (so the same transactionID: certmonger's resubmit, pki --cert), and an expired one is no answer.
+            if msg.signer_cert != cert and self.now() < cert.not_valid_after_utc:
                 log.info("SCEP retry of transaction {tid}: the certificate already issued", tid=msg.transaction_id)
                 return cert, cipher
-            raise ScepFailure(FailInfo.badRequest, "this transactionID was already used for another key")
         pending = self._in_flight.get(msg.transaction_id)
         if pending is not None:  # the same request, retried while the first is still being issued
             waiter = defer.Deferred()
