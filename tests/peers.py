@@ -167,8 +167,11 @@ def certmonger_version() -> str:
 
 
 def certmonger_enroll(directory, url: str, *, subject: str, challenge: str, ca_pem: str,
-                      bundle: str = None, timeout=40) -> CertmongerResult:
-    """Enroll once with a private certmonger daemon; returns when the daemon and all it spawned are gone.
+                      bundle: str = None, resubmit: bool = False, timeout=40) -> CertmongerResult:
+    """Enroll with a private certmonger daemon; returns when the daemon and all it spawned are gone.
+
+    With ``resubmit``, the first certificate is copied to first.pem and then renewed with `getcert resubmit`
+    (same key: certmonger signs that PKCSReq with the certificate it holds, under the same transactionID).
 
     The daemon runs in a new session and PID namespace (so nothing it forks can outlive it); afterwards every
     process left in the session is killed by pid. ``bundle`` replaces the system CA bundle for the daemon's
@@ -195,8 +198,12 @@ def certmonger_enroll(directory, url: str, *, subject: str, challenge: str, ca_p
         f.write(f"{add} || exit 1\n"
                 f"{CERTMONGER_GETCERT} request -s -c getcertd-test -k {q(key)} -f {q(cert)} -N {q(subject)} "
                 f"-L {q(challenge)} -w\n"
-                "rc=$?\n"
-                f"{CERTMONGER_GETCERT} list -s\n"
+                "rc=$?\n")
+        if resubmit:
+            f.write(f"[ $rc = 0 ] && cp {q(cert)} {q(os.path.join(d, 'first.pem'))} && "
+                    f"{CERTMONGER_GETCERT} resubmit -s -f {q(cert)} -w\n"
+                    "rc=$?\n")
+        f.write(f"{CERTMONGER_GETCERT} list -s\n"
                 "exit $rc\n")
     daemon = ["dbus-run-session", "--", CERTMONGER, "-s", "-n", "-d", "1", "-c", "sh " + q(script)]
     proc = subprocess.Popen(namespaced(daemon, bundle=bundle, pid=True), env=env, stdout=subprocess.PIPE,

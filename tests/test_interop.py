@@ -21,7 +21,7 @@ from getcertd import scep
 from getcertd.errors import FailInfo
 from peers import (CERTMONGER, SCEP_SUBMIT, Pki, certmonger_enroll, certmonger_version, interop_row, require,
                    tree_state)
-from scepclient import Requester, basic, http
+from scepclient import Requester, basic, get_ca_certs, http
 
 APPLE = Path(__file__).parent / "vectors" / "apple-pkcsreq"
 PASSWORD = "alice pass"  # a space, so that Basic credentials in a URL must be percent-encoded
@@ -108,6 +108,46 @@ def test_strongswan_pki_enrolls(app, pki, scep_ca, tmp_path, transport, cipher, 
         assert "Issued certificate is trusted" in p.stderr
 
 
+@pytest.mark.parametrize("new_key", [True, False], ids=["new-key", "same-key"])
+def test_strongswan_pki_renews(app, pki, scep_ca, tmp_path, new_key):
+    """RenewalReq signed by the current certificate (`--cert/--key`), with Basic credentials."""
+    ca, ra = scep_ca
+    url = app.url.replace("https://", f"https://alice:{urllib.parse.quote(PASSWORD, safe='')}@")
+    common = ["--url", url, "--dn", "CN=alice", "--cacert-enc", ra, "--cacert-sig", ca, "--outform", "pem"]
+    old_key = pki.gen_rsa(tmp_path / "old.der")
+    p = pki.run("--scep", "--in", old_key, *common, bundle=app.ca_pem)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (tmp_path / "old.pem").write_text(p.stdout)
+    old = check_issued(app, tmp_path / "old.pem")
+    key = pki.gen_rsa(tmp_path / "new.der") if new_key else old_key
+    with interop_row("strongSwan pki --scep (RenewalReq)", pki.describe(), "HTTPS",
+                     "HTTP Basic + signed by the current certificate", "AES-128-CBC / SHA-256") as r:
+        p = pki.run("--scep", "--in", key, "--cert", str(tmp_path / "old.pem"), "--key", old_key, *common,
+                    bundle=app.ca_pem)
+        assert p.returncode == 0, p.stderr[-3000:]
+        (tmp_path / "new.pem").write_text(p.stdout)
+        new = check_issued(app, tmp_path / "new.pem")
+        # Same key, same transactionID (pki hashes the key): still a renewal, not a retry of the first request.
+        assert new.serial_number != old.serial_number
+        r["result"] = "pass (" + ("new key" if new_key else "same key, same transactionID") + ")"
+
+
+def test_retry_gets_the_same_certificate(app):
+    """The counterpart of the renewals above: the same PKCSReq sent again (a lost reply) is not issued twice."""
+    requester = Requester(get_ca_certs(app.url, app.ca_pem))
+    message = requester.message()
+    serials = []
+    for _ in range(2):
+        status, _, body = http(app.url + "?operation=PKIOperation", data=message, cafile=app.ca_pem,
+                               headers=basic("alice", PASSWORD))
+        assert status == 200
+        reply, certs = requester.open_reply(body)
+        assert reply.pki_status == scep.PkiStatus.SUCCESS
+        serials.append(certs[0].serial_number)
+    assert serials[0] == serials[1]
+    assert f"SCEP retry of transaction {requester.tid}" in app.log()
+
+
 def test_strongswan_pki_wrong_challenge_gets_failure(app, pki, scep_ca, tmp_path):
     ca, ra = scep_ca
     key = pki.gen_rsa(tmp_path / "key.der")
@@ -148,11 +188,17 @@ def test_certmonger_enrolls(app, tmp_path, transport):
     with interop_row("certmonger (getcert request)", certmonger_version(),
                      "HTTPS" if transport == "https" else "plain HTTP", "challengePassword (CN names the user)") as r:
         result = certmonger_enroll(tmp_path, url, subject="CN=alice", challenge=PASSWORD, ca_pem=app.ca_pem,
-                                   bundle=bundle)
+                                   bundle=bundle, resubmit=True)
         r["cipher/digest"] = f"{result.chosen('AES').replace('AES', 'AES-')}-CBC / {result.chosen('SHA')}"
         assert result.returncode == 0, result.output[-4000:]
         assert "status: MONITORING" in result.output, result.output[-4000:]
-        check_issued(app, result.cert_path)
+        first = check_issued(app, tmp_path / "first.pem")
+        # `getcert resubmit` keeps the key, so the transactionID too, and signs with the certificate it holds:
+        # a renewal, answered with a new certificate (not the one it already has, as for a retry).
+        renewed = check_issued(app, result.cert_path)
+        assert renewed.serial_number != first.serial_number
+        assert renewed.public_key().public_numbers() == first.public_key().public_numbers()
+        r["result"] = "pass (enrollment, and `getcert resubmit` renewal with the same key)"
     assert result.leftovers == [], "certmonger's processes outlived the run (killed by pid)"
     assert tree_state(CERTMONGER_STATE) == before, f"something was written under {CERTMONGER_STATE}"
 
