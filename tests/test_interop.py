@@ -287,6 +287,8 @@ def test_apple_pkcsreq_answered_by_appliance(appliance_factory, apple_ca, tls_fi
     else:
         assert reply.pki_status == scep.PkiStatus.SUCCESS and certs[0].issuer == ca_cert.subject
     assert "refused: badAlg" in app.log()
+    if expired:
+        assert "the CA certificate expired on 2026-05-29" in app.log()  # warned at start
 
 
 @pytest.mark.filterwarnings("ignore:Attribute's length")
