@@ -122,11 +122,13 @@ def test_strongswan_pki_renews(app, pki, scep_ca, tmp_path, new_key):
     key = pki.gen_rsa(tmp_path / "new.der") if new_key else old_key
     variant = "new key" if new_key else "same key, so same transactionID"
     with interop_row(f"strongSwan pki --scep --cert (RenewalReq, {variant})", pki.describe(), "HTTPS",
-                     "HTTP Basic + signed by the current certificate", "AES-128-CBC / SHA-256") as r:
+                     "HTTP Basic + signed by the current certificate") as r:
         p = pki.run("--scep", "--in", key, "--cert", str(tmp_path / "old.pem"), "--key", old_key, *common,
-                    bundle=app.ca_pem)
+                    "--debug", "4", bundle=app.ca_pem)
+        r["cipher/digest"] = pki_cipher(p.stderr, "aes", "sha256")
         assert p.returncode == 0, p.stderr[-3000:]
-        (tmp_path / "new.pem").write_text(p.stdout)
+        (tmp_path / "new.pem").write_text(re.search(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\n",
+                                                    p.stdout, re.S).group(0))
         new = check_issued(app, tmp_path / "new.pem")
         # Same key, same transactionID (pki hashes the key): still a renewal, not a retry of the first request.
         assert new.serial_number != old.serial_number
