@@ -141,31 +141,42 @@ class ScepSession:
             raise ClientError(f"{operation}: HTTP {response.code}: {data[:200].decode('utf-8', 'replace').strip()}")
         return response, data
 
+    async def post_authenticated(self, url, content_type: bytes, body: bytes, password=None):
+        """POST ``body``, answering 401s with the user's password and challenge responses (SCEP and EST).
+
+        ``password``, when known (a retry after an EST 202), is sent up front. Returns (response, data,
+        password) for the first answer that is not a 401; ``password`` is the one the user gave.
+        """
+        headers = {b"Content-Type": [content_type]}
+        sent = password
+        for _round in range(MAX_ROUNDS):
+            if sent is not None:
+                creds = base64.b64encode(self.args.user.encode("utf-8") + b":" + sent.encode("utf-8"))
+                headers[b"Authorization"] = [b"Basic " + creds]
+            response, data = await self.request(b"POST", url, headers, body)
+            if response.code != 401:
+                return response, data, password
+            token = (response.headers.getRawHeaders(CHALLENGE_HEADER) or [b""])[0]
+            if token:
+                prompt = data.decode("utf-8", "replace").strip() or "Response"
+                sent = self.next_password(prompt)
+            elif sent is None:
+                password = sent = self.next_password(None)
+            else:
+                raise ClientError("authentication failed (wrong user name or password)")
+            headers = {b"Content-Type": [content_type]}
+            if token:
+                headers[CHALLENGE_HEADER] = [token]
+        raise ClientError("too many authentication rounds")
+
     async def pki_operation(self, message: bytes):
         """POST the message, answering 401s with the user's credentials and challenge responses."""
-        headers = {b"Content-Type": [b"application/x-pki-message"]}
-        password = None
-        for _round in range(MAX_ROUNDS):
-            response, data = await self.request(b"POST", f"{self.url}?operation=PKIOperation", headers, message)
-            if response.code == 200:
-                return data
-            if response.code == 401:
-                token = (response.headers.getRawHeaders(CHALLENGE_HEADER) or [b""])[0]
-                if token:
-                    prompt = data.decode("utf-8", "replace").strip() or "Response"
-                    password = self.next_password(prompt)
-                elif password is None:
-                    password = self.next_password(None)
-                else:
-                    raise ClientError("authentication failed (wrong user name or password)")
-                creds = base64.b64encode(self.args.user.encode("utf-8") + b":" + password.encode("utf-8"))
-                headers = {b"Content-Type": [b"application/x-pki-message"], b"Authorization": [b"Basic " + creds]}
-                if token:
-                    headers[CHALLENGE_HEADER] = [token]
-                continue
-            text = data[:300].decode("utf-8", "replace").strip()
-            raise ClientError(f"PKIOperation: HTTP {response.code}: {text}")
-        raise ClientError("too many authentication rounds")
+        response, data, _ = await self.post_authenticated(f"{self.url}?operation=PKIOperation",
+                                                          b"application/x-pki-message", message)
+        if response.code == 200:
+            return data
+        text = data[:300].decode("utf-8", "replace").strip()
+        raise ClientError(f"PKIOperation: HTTP {response.code}: {text}")
 
 
 def _load_ca_certs(content_type: bytes, body: bytes):
@@ -220,7 +231,16 @@ async def enroll(reactor, args, password_source):
     host, port = parts.hostname, parts.port or 443
     anchors = await threads.deferToThread(trust_anchors, args, host, port)
     session = ScepSession(reactor, args.url, PinnedTrust(anchors), args, password_source)
+    if getattr(args, "protocol", "scep") == "est":
+        from getcertd.est_client import enroll_est
+        cert, key, ca = await enroll_est(reactor, session, anchors)
+    else:
+        cert, key, ca = await _enroll_scep(session, anchors, args)
+    _save(args, cert, key, ca, password_source)
+    return cert, key, ca
 
+
+async def _enroll_scep(session, anchors, args):
     _, caps = await session.get("GetCACaps")
     caps = {c.strip().upper() for c in caps.decode("ascii", "replace").split()}
     response, body = await session.get("GetCACert", "&message=getcert")
@@ -272,7 +292,11 @@ async def enroll(reactor, args, password_source):
         cert.verify_directly_issued_by(ca)
     except Exception:
         raise ClientError("the issued certificate was not signed by the CA")
+    return cert, key, ca
 
+
+def _save(args, cert, key, ca, password_source):
+    """Write key.pem, cert.pem, ca.pem (and getcert.p12, swanctl.conf when asked) whatever the protocol."""
     os.makedirs(args.out, exist_ok=True)
     _write(os.path.join(args.out, "key.pem"), key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), 0o600)
@@ -287,7 +311,6 @@ async def enroll(reactor, args, password_source):
         write_swanctl(args.out, args.swanctl, cert)
     print(f"getcert: issued {cert.subject.rfc4514_string()}, serial {cert.serial_number:X}, "
           f"valid until {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC; files in {args.out}")
-    return cert, key, ca
 
 
 def strongswan_id(name: x509.Name) -> str:
@@ -369,7 +392,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="getcert", description="Enroll for a short-lived IKE certificate.")
     sub = ap.add_subparsers(dest="command", required=True)
     e = sub.add_parser("enroll", help="authenticate and enroll")
-    e.add_argument("--url", required=True, help="e.g. https://vpn-ca.example.com:8443/scep")
+    e.add_argument("--url", required=True, help="e.g. https://vpn-ca.example.com:8443/scep (SCEP) or "
+                   "https://vpn-ca.example.com:8443/.well-known/est[/LABEL] (EST)")
+    e.add_argument("--protocol", choices=["scep", "est"], default="scep",
+                   help="SCEP (default) or EST (RFC 7030) with HTTP Basic authentication")
     e.add_argument("--user", required=True)
     e.add_argument("--password-stdin", action="store_true",
                    help="read the password, then each challenge response, one line at a time from standard input")

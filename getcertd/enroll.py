@@ -154,7 +154,7 @@ class EnrollmentService:
 
         renewal_of = None
         if msg.message_type == scep.MessageType.RenewalReq:
-            renewal_of = self._check_renewal(msg)
+            renewal_of = self.check_held_certificate(msg.signer_cert)
         if renewal_of is not None and self.renewal_without_auth and credentials is None:
             identity = Identity(user=renewal_of.user, method="renewal")
         else:
@@ -164,7 +164,7 @@ class EnrollmentService:
 
         waiters = self._in_flight[msg.transaction_id] = []
         try:
-            cert = await self._issue(identity, public_key, msg.transaction_id, client)
+            cert = await self.issue(identity, public_key, msg.transaction_id, client)
         except BaseException as e:
             for w in waiters:
                 w.errback(e)
@@ -175,9 +175,9 @@ class EnrollmentService:
             w.callback(cert)
         return cert, cipher
 
-    def _check_renewal(self, msg):
-        """The RenewalReq signer must be a certificate of ours, unexpired and not revoked."""
-        old = msg.signer_cert
+    def check_held_certificate(self, old: x509.Certificate) -> Record:
+        """The issuance record of a certificate a client proves it holds (a RenewalReq signer, an EST TLS client
+        certificate): it must be ours, unexpired, not revoked and in the issuance log; else ScepFailure."""
         if old.issuer != self.ca.certificate.subject:
             raise ScepFailure(FailInfo.badMessageCheck, "a renewal must be signed with a certificate issued by this CA")
         try:
@@ -194,27 +194,36 @@ class EnrollmentService:
             raise ScepFailure(FailInfo.badCertId, "the certificate being renewed was revoked")
         return record
 
-    async def _authenticate(self, credentials, csr, client, secure) -> Identity:
-        now = self.clock.seconds()
-        if credentials is not None:
-            state = None
-            if credentials.token:
-                state = self.challenges.take(credentials.token, credentials.user, now)
-                if state is None:
-                    raise AuthenticationRequired()  # expired or unknown continuation: start over
-            result = await self.authenticator.authenticate(credentials.user, credentials.password, state, client)
-            if isinstance(result, Accept):
-                self._count("auth", self.authenticator.name, "accept")
-                return result.identity
-            if isinstance(result, Challenge):
-                self._count("auth", self.authenticator.name, "challenge")
-                token = secrets.token_urlsafe(24)
-                self.challenges.put(token, credentials.user, result.state, now)
-                raise AuthenticationRequired(result.message, token)
-            self._count("auth", self.authenticator.name, "reject")
-            log.info("authentication failed for a PKIOperation from {client}", client=client)
-            raise AuthenticationRequired()
+    async def authenticate(self, credentials: Optional[Credentials], client: str) -> Identity:
+        """Check HTTP Basic credentials, or a response to a challenge (SCEP and EST share this).
 
+        AuthenticationRequired (HTTP 401) without credentials, when they are wrong, or with a new challenge
+        and its continuation token; AuthUnavailable when the backend can't be reached.
+        """
+        if credentials is None:
+            raise AuthenticationRequired()
+        now = self.clock.seconds()
+        state = None
+        if credentials.token:
+            state = self.challenges.take(credentials.token, credentials.user, now)
+            if state is None:
+                raise AuthenticationRequired()  # expired or unknown continuation: start over
+        result = await self.authenticator.authenticate(credentials.user, credentials.password, state, client)
+        if isinstance(result, Accept):
+            self._count("auth", self.authenticator.name, "accept")
+            return result.identity
+        if isinstance(result, Challenge):
+            self._count("auth", self.authenticator.name, "challenge")
+            token = secrets.token_urlsafe(24)
+            self.challenges.put(token, credentials.user, result.state, now)
+            raise AuthenticationRequired(result.message, token)
+        self._count("auth", self.authenticator.name, "reject")
+        log.info("authentication failed for a request from {client}", client=client)
+        raise AuthenticationRequired()
+
+    async def _authenticate(self, credentials, csr, client, secure) -> Identity:
+        if credentials is not None:
+            return await self.authenticate(credentials, client)
         password = scep.challenge_password(csr)
         if password is None:
             if not secure:
@@ -250,13 +259,19 @@ class EnrollmentService:
             raise ScepFailure(FailInfo.badRequest, f"the CSR subject has no {self.challenge_user.upper()} to name the user")
         return str(values[0].value)
 
-    async def _issue(self, identity, public_key, transaction_id, client):
+    async def issue(self, identity: Identity, public_key, transaction_id: str, client: str,
+                    profile: Optional[str] = None) -> x509.Certificate:
+        """Decide (policy), sign and journal a certificate for ``identity`` (SCEP and EST share this).
+
+        ScepFailure when the policy refuses; StorageUnavailable when the journal can't record it, and then
+        no certificate leaves the server. ``profile`` overrides the policy's choice (already checked).
+        """
         now = self.now()
         since = int(self.clock.seconds()) - 3600
         decision = self.policy.decide(
             identity, public_key, now, self.ca.not_after(),
             valid_count=len(self.log.valid_for_user(identity.user, int(self.clock.seconds()))),
-            issued_last_hour=self.log.count_issued_since(identity.user, since))
+            issued_last_hour=self.log.count_issued_since(identity.user, since), profile=profile)
         serial = self._new_serial()
         cert = await self.run_crypto(self.ca.issue, public_key, decision.subject, decision.san, decision.not_before,
                                      decision.not_after, serial, decision.eku, self.crl_url)

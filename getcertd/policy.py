@@ -142,6 +142,23 @@ class Policy:
         name = (self.profile_map or {}).get(identity.profile_hint or "", self.default_profile)
         return self.profiles[name]
 
+    def choose_profile(self, identity: Identity, requested: str, granted: Optional[str] = None) -> str:
+        """The profile for a request that names one (an EST CA label), or ScepFailure.
+
+        A user whom the backend's attributes map to a profile (profile_map), or who renews a certificate of
+        profile ``granted``, gets that profile and no other: a label must not lift anyone out of the profile
+        RADIUS put them in. Other users may name any profile that profile_map does not reserve.
+        """
+        mapping = self.profile_map or {}
+        own = granted or self.profile_for(identity).name
+        if requested == own:
+            return own
+        if requested not in self.profiles:
+            raise ScepFailure(FailInfo.badRequest, f"there is no profile {requested!r}")
+        if granted is not None or (identity.profile_hint or "") in mapping or requested in set(mapping.values()):
+            raise ScepFailure(FailInfo.badRequest, f"the profile {requested!r} is not granted to this user")
+        return requested
+
     def decide(self, identity: Identity, public_key, now: datetime.datetime, ca_not_after: datetime.datetime,
                valid_count: int = 0, issued_last_hour: int = 0, profile: Optional[str] = None) -> Decision:
         """The certificate fields for this identity and key, or ScepFailure saying why not."""

@@ -6,7 +6,7 @@ child service. Nothing listens until the MultiService starts.
 import datetime
 import os
 
-from OpenSSL import crypto as _crypto
+from OpenSSL import SSL, crypto as _crypto
 from cryptography.hazmat.primitives import serialization
 from twisted.application import service, strports
 from twisted.internet import ssl
@@ -22,7 +22,8 @@ from getcertd.enroll import EnrollmentService
 from getcertd.errors import ConfigError
 from getcertd.local import LocalAuthenticator
 from getcertd.policy import Policy
-from getcertd import state, web
+from getcertd import est, est_web, state, web
+from getcertd.est_enroll import EstService
 
 log = Logger()
 
@@ -67,9 +68,17 @@ def caps_for(config) -> bytes:
     return "\n".join(caps).encode() + b"\n"
 
 
-def tls_options(key, cert, chain):
-    """TLS 1.2+ with ECDHE and AEAD ciphers only; the CA certificate is sent along for fingerprint pinning."""
-    return ssl.CertificateOptions(
+def _any_client_certificate(connection, certificate, errno, depth, ok):
+    return True  # requested, never required: getcertd.est_enroll checks it against the CA and the issuance log
+
+
+def tls_options(key, cert, chain, client_ca=None):
+    """TLS 1.2+ with ECDHE and AEAD ciphers only; the CA certificate is sent along for fingerprint pinning.
+
+    With ``client_ca``, a client certificate issued by it is requested (EST simplereenroll authenticates
+    with one) but not required: clients without one, such as every SCEP client, connect as before.
+    """
+    options = ssl.CertificateOptions(
         privateKey=_crypto.PKey.from_cryptography_key(key),
         certificate=_crypto.X509.from_cryptography(cert),
         extraCertChain=[_crypto.X509.from_cryptography(c) for c in chain],
@@ -77,6 +86,11 @@ def tls_options(key, cert, chain):
         acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(
             "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:"
             "ECDHE-RSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256"))
+    if client_ca is not None:
+        context = options.getContext()  # built once and kept: this is the context every connection uses
+        context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE, _any_client_certificate)
+        context.set_client_ca_list([_crypto.X509.from_cryptography(client_ca).get_subject()])
+    return options
 
 
 def makeService(options, reactor=None):
@@ -149,17 +163,20 @@ def _make(config, reactor, now):
         root = web.Root(page if secure else b"")
         for path in config.scep_paths:
             web.add_path(root, path, web.ScepResource(enrollment, material, secure, caps))
+        if secure:  # EST is defined over TLS only
+            web.add_path(root, est.WELL_KNOWN, est_web.EstRoot(EstService(enrollment, ca.certificate)))
         return web.Site(root)
 
-    https = strports.service(config.https_listen,
-                             TLSMemoryBIOFactory(tls_options(tls_key, tls_cert, tls_chain), False, site(True)))
+    https = strports.service(config.https_listen, TLSMemoryBIOFactory(
+        tls_options(tls_key, tls_cert, tls_chain, client_ca=ca.certificate), False, site(True)))
     https.setName("https")
     https.setServiceParent(top)
     if config.http_listen:
         http = strports.service(config.http_listen, site(False))
         http.setName("http")
         http.setServiceParent(top)
-    log.info("SCEP at {url}", url=scep_url)
+    log.info("SCEP at {url}, EST at https://{name}:{port}{est}/", url=scep_url, name=config.server_name, port=port,
+             est=est.WELL_KNOWN)
     top.enrollment = enrollment
     top.issuance_log = issuance_log
     return top

@@ -14,7 +14,8 @@ from twisted.python.failure import Failure
 from twisted.web import resource, server
 
 from getcertd.enroll import Credentials
-from getcertd.errors import (AuthenticationRequired, AuthUnavailable, MalformedRequest, StorageUnavailable)
+from getcertd.errors import (AuthenticationRequired, AuthUnavailable, MalformedRequest, ScepFailure,
+                             StorageUnavailable)
 
 log = Logger()
 
@@ -39,8 +40,12 @@ def _plain(request, code: int, text: str) -> bytes:
     return text.encode("utf-8") + b"\n"
 
 
-def answer_error(request, failure: Failure) -> bytes:
-    """Map a typed error to an HTTP answer: the one place this happens. Never a traceback to the client."""
+def answer_error(request, failure: Failure, est: bool = False) -> bytes:
+    """Map a typed error to an HTTP answer: the one place this happens. Never a traceback to the client.
+
+    ``est``: the answer is for EST (RFC 7030), where an unreachable authentication backend is a 202 with
+    Retry-After (the client repeats the request) and a refusal (ScepFailure) a 400 with its reason.
+    """
     e = failure.value
     if isinstance(e, MalformedRequest):
         return _plain(request, 400, f"bad request: {e}")
@@ -51,9 +56,13 @@ def answer_error(request, failure: Failure) -> bytes:
         if e.token:
             request.setHeader(CHALLENGE_HEADER, e.token.encode("ascii"))
             return _plain(request, 401, e.message)
-        return _plain(request, 401, "authentication required")
+        return _plain(request, 401, e.message or "authentication required")
+    if isinstance(e, ScepFailure):  # only EST gets here: SCEP answers refusals with a FAILURE CertRep
+        return _plain(request, 400, f"refused: {e.text}")
     if isinstance(e, AuthUnavailable):
         request.setHeader(b"Retry-After", b"30")
+        if est:
+            return _plain(request, 202, "the authentication service is unavailable; retry later")
         return _plain(request, 503, "the authentication service is unavailable; try again later")
     if isinstance(e, StorageUnavailable):
         request.setHeader(b"Retry-After", b"10")

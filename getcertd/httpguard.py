@@ -1,0 +1,147 @@
+"""HTTP connection limits: header and body caps, a deadline for each request to arrive (slowloris), an
+idle timeout, and a cap on concurrent connections answered with a clear 503.
+
+Twisted's HTTPChannel resets its timeout on every byte received, so a client trickling one header byte at a
+time would hold a connection forever; here each request must arrive whole within ``request_timeout``.
+"""
+from twisted.internet import protocol
+from twisted.logger import Logger
+from twisted.web import http, server
+
+log = Logger()
+
+MAX_BODY = 2 * 1024 * 1024  # request bodies
+MAX_URI = 256 * 1024  # the request line; real SCEP GET messages are a few KiB
+MAX_HEADER_BYTES = MAX_URI + 16 * 1024
+MAX_HEADERS = 100
+
+
+def _canned(code: int, reason: str, text: str, extra: bytes = b"") -> bytes:
+    body = text.encode() + b"\n"
+    return (f"HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
+            f"Content-Length: {len(body)}\r\n").encode() + extra + b"\r\n" + body
+
+
+class GuardedChannel(http.HTTPChannel):
+    """An HTTP/1.1 channel with caps and a whole-request deadline."""
+    maxHeaders = MAX_HEADERS
+    totalHeadersSize = MAX_HEADER_BYTES
+    MAX_LENGTH = MAX_HEADER_BYTES
+    request_timeout = 30.0
+
+    _deadline = None
+    _rejected = False
+    _body_bytes = 0
+    _counted = False
+    _between_requests = False
+
+    def connectionMade(self):
+        super().connectionMade()
+        self._arm()
+
+    def _arm(self):
+        self._disarm()
+        self._deadline = self.callLater(self.request_timeout, self._too_slow)
+
+    def _disarm(self):
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _too_slow(self):
+        self._deadline = None
+        log.info("cut off a client that did not send a whole request in {t:.0f} s", t=self.request_timeout)
+        self._reject(408, "Request Timeout", f"the request did not arrive within {self.request_timeout:.0f} s")
+
+    def _reject(self, code, reason, text):
+        if self._rejected:
+            return
+        self._rejected = True
+        self._disarm()
+        self.transport.write(_canned(code, reason, text))
+        self.transport.loseConnection()
+
+    def dataReceived(self, data):
+        if self._rejected:
+            return
+        if self._between_requests:  # the first byte of the next request on a keep-alive connection
+            self._between_requests = False
+            self._arm()
+        super().dataReceived(data)
+
+    def lineReceived(self, line):
+        if not self._rejected:
+            super().lineReceived(line)
+
+    def rawDataReceived(self, data):
+        if not self._rejected:
+            super().rawDataReceived(data)
+
+    def allHeadersReceived(self):
+        self._body_bytes = 0
+        if self.length is not None and self.length > MAX_BODY:
+            self._reject(413, "Payload Too Large", f"request body too large (limit {MAX_BODY} bytes)")
+            return
+        super().allHeadersReceived()
+
+    def handleContentChunk(self, data):
+        if self._rejected:
+            return
+        self._body_bytes += len(data)
+        if self._body_bytes > MAX_BODY:  # chunked bodies announce no length
+            self._reject(413, "Payload Too Large", f"request body too large (limit {MAX_BODY} bytes)")
+            return
+        super().handleContentChunk(data)
+
+    def allContentReceived(self):
+        if self._rejected:
+            return
+        self._disarm()  # the request is in; processing time is the application's business
+        super().allContentReceived()
+
+    def requestDone(self, request):
+        super().requestDone(request)
+        self._between_requests = True  # waiting is idle_timeout's business until a byte arrives
+
+    def connectionLost(self, reason):
+        self._disarm()
+        if self._counted:
+            self._counted = False
+            self.factory.connection_closed()
+        super().connectionLost(reason)
+
+
+class Overloaded(protocol.Protocol):
+    """Past the connection cap: a clear 503, then close."""
+
+    def connectionMade(self):
+        self.transport.write(_canned(503, "Service Unavailable", "too many connections; try again shortly",
+                                     b"Retry-After: 5\r\n"))
+        self.transport.loseConnection()
+
+
+class GuardedSite(server.Site):
+    """A Site whose channels are GuardedChannels, at most ``max_connections`` at a time."""
+    protocol = GuardedChannel
+
+    def __init__(self, resource, max_connections=1000, request_timeout=30.0, idle_timeout=60.0, **kw):
+        super().__init__(resource, timeout=idle_timeout, **kw)
+        self.max_connections = max_connections
+        self.request_timeout = request_timeout
+        self.active = 0
+        self.refused = 0
+
+    def buildProtocol(self, addr):
+        if self.active >= self.max_connections:
+            self.refused += 1
+            p = Overloaded()
+            p.factory = self
+            return p
+        channel = super().buildProtocol(addr)
+        channel.request_timeout = self.request_timeout
+        channel._counted = True
+        self.active += 1
+        return channel
+
+    def connection_closed(self):
+        self.active -= 1

@@ -1,0 +1,114 @@
+"""HTTP limits: a unit test of the channel's deadline on a deterministic clock, and the caps against a real twistd."""
+import socket
+import ssl
+import time
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.web import resource
+
+from getcertd.httpguard import MAX_BODY, GuardedSite
+
+
+def _channel(site, clock):
+    ch = site.buildProtocol(None)
+    ch.callLater = clock.callLater
+    tr = StringTransport()
+    ch.makeConnection(tr)
+    return ch, tr
+
+
+def test_slow_request_is_cut_off_on_a_clock():
+    clock = Clock()
+    site = GuardedSite(resource.Resource(), max_connections=2, request_timeout=30, idle_timeout=600,
+                       reactor=clock)
+    ch, tr = _channel(site, clock)
+    for _ in range(29):  # one header byte a second: Twisted's own idle timeout would never fire
+        ch.dataReceived(b"X")
+        clock.advance(1)
+    assert not tr.disconnecting
+    clock.advance(1.5)
+    assert tr.value().startswith(b"HTTP/1.1 408") and tr.disconnecting
+    ch.connectionLost(None)
+    assert site.active == 0
+
+
+def test_connection_cap_and_body_cap_on_a_clock():
+    clock = Clock()
+    site = GuardedSite(resource.Resource(), max_connections=1, reactor=clock)
+    ch, tr = _channel(site, clock)
+    over, tr2 = _channel(site, clock)
+    assert tr2.value().startswith(b"HTTP/1.1 503") and b"Retry-After: 5" in tr2.value() and tr2.disconnecting
+    ch.dataReceived(b"POST /scep HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY + 1))
+    assert tr.value().startswith(b"HTTP/1.1 413") and tr.disconnecting
+    ch.connectionLost(None)
+    assert site.active == 0 and site.refused == 1
+
+
+def _tls(app):
+    ctx = ssl.create_default_context(cafile=app.ca_pem)
+    s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", app.port), 5), server_hostname="localhost")
+    s.settimeout(10)
+    return s
+
+
+def _read_all(s):
+    data = b""
+    try:
+        while chunk := s.recv(65536):
+            data += chunk
+    except (ssl.SSLError, OSError):
+        pass
+    s.close()
+    return data
+
+
+def test_caps_against_a_real_appliance(appliance_factory):
+    app = appliance_factory(sections={"https": {"max_connections": "4", "request_timeout": "2s",
+                                                 "idle_timeout": "3s"}})
+    # slowloris: one header byte every 0.4 s is cut off after the 2 s request deadline
+    s = _tls(app)
+    s.sendall(b"GET /scep?operation=GetCACaps HTTP/1.1\r\n")
+    t0 = time.monotonic()
+    for _ in range(20):
+        try:
+            s.sendall(b"X")
+        except OSError:
+            break
+        time.sleep(0.4)
+        if time.monotonic() - t0 > 2.5:
+            break
+    reply = _read_all(s)
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert time.monotonic() - t0 < 6
+    # too many headers, a body over the cap, a URI over the cap: clear 4xx, the server lives on
+    s = _tls(app)
+    s.sendall(b"GET /scep?operation=GetCACaps HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(150)) + b"\r\n")
+    assert _read_all(s).startswith(b"HTTP/1.1 400")
+    s = _tls(app)
+    s.sendall(b"POST /scep?operation=PKIOperation HTTP/1.1\r\nHost: x\r\nContent-Length: 3145728\r\n\r\n")
+    r = _read_all(s)
+    assert r.startswith(b"HTTP/1.1 413") and b"too large" in r
+    s = _tls(app)
+    s.sendall(b"GET /scep?operation=PKIOperation&message=" + b"A" * 265000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    r = _read_all(s)
+    assert r.startswith(b"HTTP/1.1 414") and b"too long" in r
+    # the connection cap: 4 idle connections held, the 5th gets a 503 with Retry-After
+    time.sleep(0.5)  # let the server see the closes above
+    held = [_tls(app) for _ in range(4)]
+    s = _tls(app)
+    r = _read_all(s)
+    assert r.startswith(b"HTTP/1.1 503") and b"Retry-After" in r
+    # idle connections are closed after idle_timeout, freeing the slots
+    t0 = time.monotonic()
+    for h in held:  # a fresh connection that sends nothing is cut at the request deadline
+        assert _read_all(h).startswith(b"HTTP/1.1 408")
+    assert time.monotonic() - t0 < 8
+    # a keep-alive connection: two requests, then closed quietly after idle_timeout
+    s = _tls(app)
+    for _ in range(2):
+        s.sendall(b"GET /scep?operation=GetCACaps HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.3)
+    t0 = time.monotonic()
+    r = _read_all(s)
+    assert r.count(b"POSTPKIOperation") == 2 and b"408" not in r and 2 < time.monotonic() - t0 < 8
