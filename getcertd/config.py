@@ -42,6 +42,9 @@ class Config:
     https_listen: str
     https_certificate: str
     https_key: str
+    max_connections: int
+    request_timeout: int
+    idle_timeout: int
     http_listen: str
     scep_paths: Tuple[str, ...]
     allow_legacy_des: bool
@@ -87,7 +90,8 @@ def parse_duration(text: str) -> int:
 # section -> {key: default}; "profile NAME" sections are handled apart.
 _SCHEMA = {
     "getcertd": {"state_dir": "/var/lib/getcertd", "server_name": "localhost"},
-    "https": {"listen": "tcp:8443:interface=127.0.0.1", "certificate": "", "key": ""},
+    "https": {"listen": "tcp:8443:interface=127.0.0.1", "certificate": "", "key": "", "max_connections": "1000",
+              "request_timeout": "30s", "idle_timeout": "60s"},
     "http": {"listen": ""},
     "scep": {"paths": "/cgi-bin/pkiclient.exe /scep", "allow_legacy_des": "no", "renewal_without_auth": "no"},
     "ca": {"certificate": "", "key": "", "key_type": "rsa2048", "subject": "CN=getcertd CA", "lifetime": "3650d",
@@ -240,6 +244,9 @@ def _build(v, raw_profiles, source, read_file) -> Config:
     return Config(
         state_dir=g["state_dir"], server_name=g["server_name"],
         https_listen=https["listen"], https_certificate=https["certificate"], https_key=https["key"],
+        max_connections=_int("https", "max_connections", https["max_connections"], 1),
+        request_timeout=max(_dur("https", "request_timeout", https["request_timeout"]), 1),
+        idle_timeout=max(_dur("https", "idle_timeout", https["idle_timeout"]), 1),
         http_listen=v["http"]["listen"], scep_paths=paths,
         allow_legacy_des=_bool("scep", "allow_legacy_des", v["scep"]["allow_legacy_des"]),
         renewal_without_auth=_bool("scep", "renewal_without_auth", v["scep"]["renewal_without_auth"]),
