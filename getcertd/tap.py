@@ -165,7 +165,8 @@ def _make(config, reactor, now):
             web.add_path(root, path, web.ScepResource(enrollment, material, secure, caps))
         if secure:  # EST is defined over TLS only
             web.add_path(root, est.WELL_KNOWN, est_web.EstRoot(EstService(enrollment, ca.certificate)))
-        return web.Site(root)
+        return web.Site(root, max_connections=config.max_connections, request_timeout=config.request_timeout,
+                        idle_timeout=config.idle_timeout)
 
     https = strports.service(config.https_listen, TLSMemoryBIOFactory(
         tls_options(tls_key, tls_cert, tls_chain, client_ca=ca.certificate), False, site(True)))

@@ -6,7 +6,7 @@ import base64
 import binascii
 import html
 from typing import Optional
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl, unquote_to_bytes
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -14,6 +14,7 @@ from twisted.python.failure import Failure
 from twisted.web import resource, server
 
 from getcertd.enroll import Credentials
+from getcertd.httpguard import MAX_URI, GuardedSite
 from getcertd.errors import (AuthenticationRequired, AuthUnavailable, MalformedRequest, ScepFailure,
                              StorageUnavailable)
 
@@ -120,7 +121,9 @@ def query_message(uri: bytes) -> Optional[bytes]:
     for part in query.split(b"&"):
         name, _, value = part.partition(b"=")
         if name == b"message":
-            return unquote(value.decode("latin-1")).encode("latin-1")
+            # Bytes to bytes: unquote() would decode %XX as UTF-8, and a non-UTF-8 escape such as %C4%80
+            # or %FF then fails to re-encode (an uncaught UnicodeEncodeError, HTTP 500; found by scripts/fuzz).
+            return unquote_to_bytes(value)
     return None
 
 
@@ -154,8 +157,8 @@ class ScepResource(resource.Resource):
         return self._render(request, request.content.read())
 
     def _render(self, request, body):
-        if len(request.uri) > MAX_MESSAGE:
-            return _plain(request, 414, "request URI too long")
+        if len(request.uri) > MAX_URI - 1024:
+            return _plain(request, 414, f"request URI too long (limit {MAX_URI - 1024} bytes)")
         op = _operation(request)
         if op == "GetCACaps":
             request.setHeader(b"Content-Type", b"text/plain")
@@ -251,8 +254,9 @@ def add_path(root: resource.Resource, path: str, leaf: resource.Resource) -> Non
     node.putChild(parts[-1], leaf)
 
 
-class Site(server.Site):
-    """No tracebacks to clients, and no access log lines carrying query strings (they may hold secrets)."""
+class Site(GuardedSite):
+    """Connection limits (getcertd.httpguard), no tracebacks to clients, and no access log lines carrying query
+    strings (they may hold secrets)."""
     displayTracebacks = False
 
     def log(self, request):
