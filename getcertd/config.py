@@ -75,16 +75,20 @@ class Config:
     source: str = field(default="", compare=False)
 
 
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
+_DURATION = re.compile(r"^\s*([0-9]{1,12})\s*([smhdw]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+MAX_DURATION = 100 * 366 * 86400  # beyond this a datetime computed at start would overflow sooner or later
 
 
 def parse_duration(text: str) -> int:
-    """'90' or '90s', '10m', '8h', '2d', '1w' to seconds."""
+    """'90' or '90s', '10m', '8h', '2d', '1w' to seconds (at most MAX_DURATION)."""
     m = _DURATION.match(text)
     if not m:
-        raise ValueError(f"not a duration (use e.g. 30s, 10m, 8h, 2d): {text!r}")
-    return int(m.group(1)) * _UNITS[m.group(2)]
+        raise ValueError(f"not a duration (use e.g. 30s, 10m, 8h, 2d): {text[:40]!r}")
+    seconds = int(m.group(1)) * _UNITS[m.group(2)]
+    if seconds > MAX_DURATION:
+        raise ValueError(f"duration longer than 100 years: {text[:40]!r}")
+    return seconds
 
 
 # section -> {key: default}; "profile NAME" sections are handled apart.
@@ -143,8 +147,9 @@ def _hostport(text):
         host, _, port = text[1:].partition("]:")
     else:
         host, _, port = text.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"[radius] servers: expected host:port, got {text!r}")
+    # [0-9], not isdigit(): that also takes '²', which int() then refuses (found by the property tests)
+    if not host or not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536:
+        raise ConfigError(f"[radius] servers: expected host:port with a port from 1 to 65535, got {text[:80]!r}")
     return host, int(port)
 
 
