@@ -78,3 +78,47 @@ class ChallengeStore:
 
     def __len__(self):
         return len(self._entries)
+
+
+class Throttle:
+    """Failed authentications slow down, per key (a user name, a client address), then lock out for a while.
+
+    The first ``free`` failures cost nothing; after that each attempt must wait 2**(n - free) seconds after
+    the last failure (capped at ``max_wait``), and from ``lockout_after`` failures on the key is locked for
+    ``lockout`` seconds. A key forgets its failures after ``forget`` seconds without one. Unknown users are
+    throttled exactly like known ones, so the answers reveal nothing. Layer 1: time is passed in.
+    """
+
+    def __init__(self, free=5, max_wait=300.0, lockout_after=20, lockout=900.0, forget=3600.0, max_keys=100000):
+        self.free, self.max_wait, self.lockout_after = free, max_wait, lockout_after
+        self.lockout, self.forget, self.max_keys = lockout, forget, max_keys
+        self._failures = {}  # key -> (count, last failure time)
+
+    def wait(self, key, now: float) -> float:
+        """Seconds ``key`` must still wait before it may try again (0 when it may)."""
+        entry = self._failures.get(key)
+        if entry is None:
+            return 0.0
+        count, last = entry
+        if now - last > self.forget:
+            del self._failures[key]
+            return 0.0
+        if count >= self.lockout_after:
+            delay = self.lockout
+        elif count >= self.free:
+            delay = min(2.0 ** (count - self.free), self.max_wait)
+        else:
+            return 0.0
+        return max(0.0, last + delay - now)
+
+    def failure(self, key, now: float) -> None:
+        count = self._failures.pop(key, (0, now))[0]
+        if len(self._failures) >= self.max_keys:
+            self._failures.pop(next(iter(self._failures)))  # the oldest entry
+        self._failures[key] = (count + 1, now)
+
+    def success(self, key) -> None:
+        self._failures.pop(key, None)
+
+    def __len__(self):
+        return len(self._failures)

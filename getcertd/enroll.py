@@ -18,8 +18,9 @@ from twisted.logger import Logger
 
 from getcertd import scep
 from getcertd.ca import random_serial
-from getcertd.auth import Accept, Challenge, ChallengeStore, Identity
-from getcertd.errors import AuthenticationRequired, AuthUnavailable, FailInfo, MalformedRequest, ScepFailure
+from getcertd.auth import Accept, Challenge, ChallengeStore, Identity, Reject, Throttle
+from getcertd.errors import (AuthenticationRequired, AuthUnavailable, FailInfo, MalformedRequest, ScepFailure,
+                             Throttled)
 from getcertd.issuance import Record
 
 log = Logger()
@@ -45,7 +46,8 @@ class EnrollmentService:
 
     def __init__(self, *, ca, signer_key, signer_cert, policy, issuance_log, journal, authenticator, clock,
                  allow_legacy_des=False, renewal_without_auth=False, challenge_user="cn", crl=None,
-                 crl_url=None, challenges: Optional[ChallengeStore] = None, stats=None,
+                 crl_url=None, challenges: Optional[ChallengeStore] = None, throttle: Optional[Throttle] = None,
+                 address_throttle: Optional[Throttle] = None, stats=None,
                  run_crypto=threads.deferToThread):
         self.ca = ca
         self.signer_key = signer_key  # RA key when there is an RA, else the CA key
@@ -61,6 +63,9 @@ class EnrollmentService:
         self.crl = crl
         self.crl_url = crl_url
         self.challenges = challenges or ChallengeStore()
+        self.throttle = throttle or Throttle()  # per user name
+        # Per client address: more lenient, since a whole office may come from one NAT address.
+        self.address_throttle = address_throttle or Throttle(free=20, lockout_after=60)
         self.stats = stats
         self.run_crypto = run_crypto
         self._in_flight = {}  # transactionID -> Deferred of the certificate being issued
@@ -208,7 +213,7 @@ class EnrollmentService:
             state = self.challenges.take(credentials.token, credentials.user, now)
             if state is None:
                 raise AuthenticationRequired()  # expired or unknown continuation: start over
-        result = await self.authenticator.authenticate(credentials.user, credentials.password, state, client)
+        result = await self._check(credentials.user, credentials.password, state, client)
         if isinstance(result, Accept):
             self._count("auth", self.authenticator.name, "accept")
             return result.identity
@@ -232,9 +237,11 @@ class EnrollmentService:
             raise AuthenticationRequired()
         user = self._challenge_user(csr)
         try:
-            result = await self.authenticator.authenticate(user, password.encode("utf-8"), None, client)
+            result = await self._check(user, password.encode("utf-8"), None, client)
         except AuthUnavailable:
             raise ScepFailure(FailInfo.badRequest, "the authentication service is unavailable; try again later")
+        except Throttled as e:
+            raise ScepFailure(FailInfo.badRequest, str(e))
         if isinstance(result, Accept):
             self._count("auth", self.authenticator.name, "accept")
             return Identity(user=result.identity.user, method="challengePassword",
@@ -243,6 +250,21 @@ class EnrollmentService:
         self._count("auth", self.authenticator.name, "reject")
         log.info("challengePassword authentication failed for a request from {client}", client=client)
         raise ScepFailure(FailInfo.badRequest, "authentication failed")
+
+    async def _check(self, user, password, state, client):
+        """Ask the backend, unless the user or the address must first wait out earlier failures."""
+        checks = ((self.throttle, user), (self.address_throttle, client))
+        wait = max(throttle.wait(key, self.clock.seconds()) for throttle, key in checks)
+        if wait > 0:
+            self._count("auth", self.authenticator.name, "throttled")
+            raise Throttled(wait)
+        result = await self.authenticator.authenticate(user, password, state, client)
+        if isinstance(result, Reject):
+            for throttle, key in checks:
+                throttle.failure(key, self.clock.seconds())
+        elif isinstance(result, Accept):
+            self.throttle.success(user)  # an address's failures only fade with time
+        return result
 
     def _challenge_user(self, csr) -> str:
         if self.challenge_user == "email":

@@ -47,3 +47,11 @@ class AuthenticationRequired(GetcertdError):
         super().__init__(message or "authentication required")
         self.message = message
         self.token = token
+
+
+class Throttled(GetcertdError):
+    """Too many failed authentications for this user or address: HTTP 429 with Retry-After."""
+
+    def __init__(self, retry_after: float):
+        super().__init__(f"too many failed attempts; try again in {max(1, int(retry_after + 0.999))} s")
+        self.retry_after = max(1, int(retry_after + 0.999))

@@ -16,7 +16,7 @@ from twisted.web import resource, server
 from getcertd.enroll import Credentials
 from getcertd.httpguard import MAX_URI, GuardedSite
 from getcertd.errors import (AuthenticationRequired, AuthUnavailable, MalformedRequest, ScepFailure,
-                             StorageUnavailable)
+                             StorageUnavailable, Throttled)
 
 log = Logger()
 
@@ -60,6 +60,9 @@ def answer_error(request, failure: Failure, est: bool = False) -> bytes:
         return _plain(request, 401, e.message or "authentication required")
     if isinstance(e, ScepFailure):  # only EST gets here: SCEP answers refusals with a FAILURE CertRep
         return _plain(request, 400, f"refused: {e.text}")
+    if isinstance(e, Throttled):
+        request.setHeader(b"Retry-After", str(e.retry_after).encode())
+        return _plain(request, 429, str(e))
     if isinstance(e, AuthUnavailable):
         request.setHeader(b"Retry-After", b"30")
         if est:

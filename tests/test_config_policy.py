@@ -140,3 +140,23 @@ def test_challenge_store_binds_user_and_expires():
     assert s.take("t2", "alice", now=61) is None
     s.put("t3", "alice", b"state", now=0)
     assert s.take("t3", "alice", now=30) == b"state" and s.take("t3", "alice", now=30) is None
+
+
+def test_throttle_backs_off_exponentially_then_locks_out():
+    from getcertd.auth import Throttle
+    t = Throttle(free=3, max_wait=100, lockout_after=8, lockout=900, forget=3600)
+    k = "alice"
+    for i in range(3):
+        assert t.wait(k, 0) == 0
+        t.failure(k, 0)
+    assert t.wait(k, 0) == 1  # 2**0 after the free failures
+    t.failure(k, 10)
+    assert t.wait(k, 10) == 2 and t.wait(k, 12) == 0
+    for now in range(20, 24):
+        t.failure(k, now)
+    assert t.wait(k, 23) == 900  # 8 failures: locked out
+    assert t.wait("bob", 23) == 0  # other keys are untouched
+    assert t.wait(k, 23 + 3601) == 0  # forgotten after an hour without failures
+    t.failure(k, 0)
+    t.success(k)
+    assert t.wait(k, 0) == 0

@@ -170,3 +170,15 @@ def test_wheel_contains_the_plugin(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "twisted/plugins/getcertd_plugin.py" in names
     assert "twisted/plugins/__init__.py" not in names and "getcertd/tap.py" in names
+
+
+def test_failed_logins_are_throttled_the_same_for_unknown_users(app, tmp_path):
+    certs = get_ca_certs(app.url, app.ca_pem)
+    r = Requester(certs)
+    msg = r.message()
+    url = app.url + "?operation=PKIOperation"
+    for user in ("alice", "nosuchuser"):
+        codes = [http(url, data=msg, cafile=app.ca_pem, headers=basic(user, "wrong"))[0] for _ in range(6)]
+        assert codes[:5] == [401] * 5 and codes[5] == 429, (user, codes)
+    status, headers, body = http(url, data=msg, cafile=app.ca_pem, headers=basic("alice", "alice pass"))
+    assert status == 429 and int(headers["Retry-After"]) >= 1 and b"too many failed attempts" in body
