@@ -1,0 +1,598 @@
+"""The issuance journal: an append-only file of JSON lines that makes the issuance log durable (layer 2).
+
+One event per line, ASCII, ``\\n``-terminated::
+
+    {"e":"issue","serial":..,"user":..,...every Record field...,"der":"<base64 certificate>"}
+    {"e":"revoke","serial":..,"reason":..,"at":..}
+
+:func:`replay` reads a journal into an :class:`~getcertd.issuance.IssuanceLog` at start. A torn last line (no
+trailing newline, or not JSON) is what a crash during a write leaves: that event was never acknowledged, so it
+is skipped with a warning, and :class:`Journal` truncates it away before it appends again. Any other bad line
+is corruption and raises :class:`~getcertd.errors.ConfigError` naming the file and line. Issue lines in the
+layout this module writes are parsed without json.loads (about twice as fast; see ``_fast_issue``).
+
+:class:`Journal` acknowledges an event (fires the Deferred of :meth:`Journal.append`) only after its line is
+written and fsynced. Writes run in a dedicated one-thread pool so the reactor never waits on the disk, and
+commit in groups: every event appended while a write+fsync is running goes into the next single write+fsync.
+If a write fails (ENOSPC, EIO, ...) every event of that batch fails with
+:class:`~getcertd.errors.StorageUnavailable`, the partial write is truncated away, and the next append tries
+again. All work on the file (batches, reading a certificate back, compaction) is serialized by one lock,
+so a record's ``offset`` is only read or changed while no other job runs.
+"""
+import base64
+import gc
+import json
+import os
+from array import array
+from operator import itemgetter
+
+from twisted.application import service
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from getcertd.errors import ConfigError, StorageUnavailable
+from getcertd.issuance import CRL_REASONS, Record, check_reason
+
+_log = Logger()
+
+_loads = json.loads
+_dumps = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
+_REVOKE_PREFIX = b'{"e":"revoke"'
+_ISSUE_PREFIX = b'{"e":"issue"'
+
+
+def issue_event(record: Record, der: bytes) -> dict:
+    """The journal event for an issued certificate."""
+    event = {"e": "issue"}
+    event.update(record.to_dict())
+    event["der"] = base64.b64encode(der).decode("ascii")
+    return event
+
+
+def revoke_event(serial: int, reason: int, at: int) -> dict:
+    """The journal event for a revocation."""
+    return {"e": "revoke", "serial": serial, "reason": reason, "at": at}
+
+
+def encode_event(event: dict) -> bytes:
+    """One journal line."""
+    return _dumps(event).encode("ascii") + b"\n"
+
+
+def _torn(path, lineno, why):
+    _log.warn("journal {path}: ignoring torn last line {lineno} ({why}): it was never acknowledged",
+              path=path, lineno=lineno, why=why)
+
+
+def replay(path: str, log) -> int:
+    """Apply the journal at ``path`` to ``log``; return how many events were applied (0 if there is no file)."""
+    return _replay(path, log)[0]
+
+
+# The replay fast path. Lines written by encode_event(issue_event(...)) have a fixed layout, "der" last. In a
+# line of printable ASCII without a backslash no string holds a quote, so splitting the part before "der" on
+# quotes puts every value at a fixed position, and the other positions must hold exactly the layout's keys
+# and punctuation. Anything else (escapes, another layout, a revoke event) goes to json.loads, the reference.
+# (The base64 DER is not looked at here; it is checked when it is read back.)
+_DER_KEY = b',"der":"'
+_CANONICAL = encode_event(issue_event(Record(1, "U", "P", "S", "X", "K", 2, 3, "T", "C", "A", 4), b""))
+_ISSUE_LAYOUT = _CANONICAL[:_CANONICAL.find(_DER_KEY)].decode("ascii").split('"')
+_STRINGS = (9, 13, 17, 21, 25, 33, 37, 41)  # user profile subject san key_type transaction_id client auth_method
+_NUMBERS = (6, 28, 30, 44)  # serial not_before not_after issued_at, as ":123,"
+_OPTIONAL = (46, 48)  # revoked_at revocation_reason, as ":null," / ":123," and ":null" / ":1"
+_FIXED = tuple(i for i in range(len(_ISSUE_LAYOUT)) if i not in _STRINGS + _NUMBERS + _OPTIONAL)
+_skeleton = itemgetter(*_FIXED)
+_SKELETON = _skeleton(_ISSUE_LAYOUT)
+_strings = itemgetter(*_STRINGS)
+_numbers = itemgetter(*_NUMBERS + _OPTIONAL)
+assert len(_ISSUE_LAYOUT) == 49 and [_ISSUE_LAYOUT[i] for i in _STRINGS] == list("UPSXKTCA")
+assert [_ISSUE_LAYOUT[i] for i in _NUMBERS + _OPTIONAL] == [":1,", ":2,", ":3,", ":4,", ":null,", ":null"]
+_PRINTABLE = bytes(range(0x20, 0x7F))
+
+
+def _fast_issue(line: bytes, offset: int):
+    """A Record from a newline-terminated issue line in the canonical layout, or None."""
+    i = line.find(_DER_KEY)
+    if i < 0 or line.find(b'"', i + 8) != len(line) - 3 or line[-3:] != b'"}\n':
+        return None
+    prefix = line[:i]
+    if b"\\" in prefix:
+        return None
+    try:
+        t = prefix.decode("ascii").split('"')
+    except UnicodeDecodeError:
+        return None
+    if len(t) != 49 or _skeleton(t) != _SKELETON:
+        return None
+    serial, not_before, not_after, issued_at, revoked_at, reason = _numbers(t)
+    serial, not_before, not_after, issued_at = serial[1:-1], not_before[1:-1], not_after[1:-1], issued_at[1:-1]
+    if not (serial + not_before + not_after + issued_at).isdigit():
+        return None
+    try:
+        serial, not_before, not_after, issued_at = int(serial), int(not_before), int(not_after), int(issued_at)
+        revoked_at = None if revoked_at == ":null," else int(revoked_at[1:-1])
+        reason = None if reason == ":null" else int(reason[1:])
+    except ValueError:  # an empty number, a sign...
+        return None
+    user, profile, subject, san, key_type, tid, client, auth = _strings(t)
+    return Record(serial, user, profile, subject, san, key_type, not_before, not_after, tid, client, auth,
+                  issued_at, revoked_at, reason, offset)
+
+
+def _replay(path, log):
+    """Replay; return (events applied, length of the valid prefix, i.e. without a torn last line)."""
+    try:
+        f = open(path, "rb", buffering=1 << 20)
+    except FileNotFoundError:
+        return 0, 0
+    # Millions of new long-lived objects would trigger a cyclic collection every few hundred lines, each
+    # walking everything loaded so far: it makes replay several times slower. Nothing here makes cycles.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with f:
+            return _replay_file(f, path, log)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _replay_file(f, path, log):
+    count = 0
+    offset = 0
+    lineno = 0
+    bad = None  # (lineno, reason) of an unparsable line: fatal unless it is the last one
+    add = log.add
+    fast = _fast_issue
+    for line in f:
+        lineno += 1
+        if bad is not None:
+            raise ConfigError(f"journal {path}, line {bad[0]}: {bad[1]} (not the last line: the file is corrupt)")
+        record = fast(line, offset) if line[:12] == _ISSUE_PREFIX else None
+        if record is not None:
+            if record.revoked_at is not None and record.revocation_reason not in CRL_REASONS:
+                raise ConfigError(f"journal {path}, line {lineno}: bad revocation reason")
+            try:
+                add(record)
+            except ValueError as e:
+                raise ConfigError(f"journal {path}, line {lineno}: {e}") from None
+        elif line[-1:] != b"\n":
+            bad = (lineno, "no newline at the end")
+            continue
+        else:
+            try:
+                event = _loads(line)
+            except ValueError as e:
+                bad = (lineno, f"not JSON: {e}")
+                continue
+            _apply(event, log, path, lineno, offset)
+        count += 1
+        offset += len(line)
+    if bad is not None:
+        _torn(path, *bad)
+    return count, offset
+
+
+def _apply(event, log, path, lineno, offset):
+    """Apply one parsed event (the slow path); ConfigError if it makes no sense."""
+    try:
+        kind = event["e"]
+        if kind == "issue":
+            record = Record(event["serial"], event["user"], event["profile"], event["subject"], event["san"],
+                            event["key_type"], event["not_before"], event["not_after"], event["transaction_id"],
+                            event["client"], event["auth_method"], event["issued_at"], event.get("revoked_at"),
+                            event.get("revocation_reason"), offset)
+            if not all(type(getattr(record, f)) is int for f in ("serial", "not_before", "not_after", "issued_at")):
+                raise ValueError("serial and times must be integers")
+            if not all(type(getattr(record, f)) is str for f in ("user", "profile", "subject", "san", "key_type",
+                                                                  "transaction_id", "client", "auth_method")):
+                raise ValueError("names must be strings")
+            if record.revoked_at is not None:
+                check_reason(record.revocation_reason)
+            log.add(record)
+        elif kind == "revoke":
+            serial = event["serial"]
+            if serial in log:
+                log.revoke(serial, event["reason"], event["at"])
+            else:
+                # Only possible when a revocation raced a compaction that pruned the record: harmless, the
+                # certificate expired long ago and belongs on no CRL.
+                _log.warn("journal {path}, line {lineno}: revocation of unknown serial {serial}",
+                          path=path, lineno=lineno, serial=serial)
+        else:
+            raise ValueError(f"unknown event {kind!r}")
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+        raise ConfigError(f"journal {path}, line {lineno}: {what}") from None
+
+
+def _valid_length(fd, size, path=None):
+    """The file length without a torn last line (checked like :func:`replay` does)."""
+    if size == 0:
+        return 0
+    chunk = 1 << 16
+    pos = size
+    buf = b""
+    while True:
+        start = max(0, pos - chunk)
+        buf = os.pread(fd, pos - start, start) + buf
+        pos = start
+        nl = buf.rfind(b"\n", 0, len(buf) - 1)
+        if nl >= 0 or pos == 0:
+            break
+        chunk *= 2
+    last = buf[nl + 1:]
+    line_start = pos + nl + 1
+    if last.endswith(b"\n"):
+        if last.startswith(_ISSUE_PREFIX) and _fast_issue(last, 0) is not None:
+            return size
+        try:
+            _loads(last)
+            return size
+        except ValueError:
+            pass
+    _log.warn("journal {path}: truncating a torn last line ({n} bytes at offset {at})",
+              path=path, n=size - line_start, at=line_start)
+    return line_start
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _fsync_dir(path):
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Journal(service.Service):
+    """The durable writer of issuance-log events.
+
+    :param path: the journal file (created 0600 on the first write).
+    :param log: the :class:`~getcertd.issuance.IssuanceLog` that :meth:`record_issue`, :meth:`record_revocation`
+        and :meth:`compact` keep in step with the file (already replayed from it).
+    :param reactor: for ``deferToThreadPool``; the global reactor by default.
+    :param run: ``run(f, *args) -> Deferred`` runs blocking file work; by default in a dedicated one-thread pool.
+        Tests may pass a synchronous or hand-driven double.
+    """
+
+    name = "journal"
+
+    def __init__(self, path: str, log, reactor=None, run=None):
+        self.path = path
+        self.log = log
+        if reactor is None:
+            from twisted.internet import reactor
+        self._reactor = reactor
+        self._run = run or self._run_in_pool
+        self._pool = None
+        self._lock = defer.DeferredLock()
+        self._queue = []  # [(line, Deferred)] for the next batch
+        self._busy = False  # a batch is waiting for or holding the lock
+        self._closing = False
+        self._closed = None  # [result] once close() has finished
+        self._close_waiters = []
+        self._idle_waiters = []
+        self._pending_serials = set()
+        # Worker state: only touched by jobs, which the lock serializes.
+        self._fd = None
+        self._size = 0  # bytes durably written
+        self._dirty = False  # a failed write may have left bytes past _size
+        self.batches = 0  # successful write+fsync rounds (metrics, tests)
+
+    # The reactor side
+
+    def append(self, event: dict) -> defer.Deferred:
+        """Write ``event``; the Deferred fires with the line's byte offset once it is fsynced.
+
+        It fails with StorageUnavailable if the write or fsync fails (the event is then not in the journal).
+        """
+        if self._closing:
+            return defer.fail(StorageUnavailable(f"journal {self.path} is closed"))
+        line = encode_event(event)
+        d = defer.Deferred()
+        self._queue.append((line, d))
+        self._flush()
+        return d
+
+    def record_issue(self, record: Record, der: bytes) -> defer.Deferred:
+        """Journal an issued certificate, then add it to the log; fires with the record."""
+        serial = record.serial
+        if serial in self.log or serial in self._pending_serials:
+            return defer.fail(ValueError(f"serial {serial:#x} was already issued"))
+        self._pending_serials.add(serial)
+
+        def added(offset):
+            record.offset = offset
+            return self.log.add(record, der)
+
+        def done(result):
+            self._pending_serials.discard(serial)
+            return result
+
+        return self.append(issue_event(record, der)).addCallback(added).addBoth(done)
+
+    def record_revocation(self, serial: int, reason, now: int) -> defer.Deferred:
+        """Journal a revocation, then apply it to the log; fires with the record (KeyError if unknown).
+
+        Revoking a revoked certificate writes nothing and keeps the first date and reason.
+        """
+        try:
+            reason = check_reason(reason)
+        except ValueError:
+            return defer.fail()
+        record = self.log.get(serial)
+        if record is None:
+            return defer.fail(KeyError(serial))
+        if record.revoked_at is not None:
+            return defer.succeed(record)
+        d = self.append(revoke_event(serial, reason, now))
+        return d.addCallback(lambda _: self.log.revoke(serial, reason, now))
+
+    def record_user_revocation(self, user: str, reason, now: int) -> defer.Deferred:
+        """Revoke every unrevoked, unexpired certificate of ``user`` (one batch); fires with the records."""
+        targets = [r for r in self.log.by_user(user) if r.revoked_at is None and r.not_after > now]
+        d = defer.gatherResults([self.record_revocation(r.serial, reason, now) for r in targets],
+                                consumeErrors=True)
+        return d.addErrback(lambda f: f.value.subFailure if isinstance(f.value, defer.FirstError) else f)
+
+    def certificate(self, serial: int) -> defer.Deferred:
+        """The DER of an issued certificate (from the recent cache, else read back); None if unknown."""
+        der = self.log.cached_der(serial)
+        if der is not None:
+            return defer.succeed(der)
+        if serial not in self.log:
+            return defer.succeed(None)
+
+        def read():
+            record = self.log.get(serial)  # looked up under the lock: compaction may have moved it
+            if record is None or record.offset < 0:
+                return None
+            return self._run(self._read_der, serial, record.offset)
+
+        return self._lock.run(read).addErrback(self._storage_failure, "read")
+
+    def compact(self, now: int, retain: int) -> defer.Deferred:
+        """Rewrite the journal without records whose notAfter is before ``now - retain`` (and prune the log).
+
+        Revocations are folded into their issue lines. Fires with the number of records kept.
+        """
+        cutoff = now - retain
+
+        def job():
+            d = self._run(self._compact_file, cutoff)
+
+            def done(kept):
+                self.log.prune(now, retain)
+                return kept
+            return d.addCallback(done)
+
+        return self._lock.run(job).addErrback(self._storage_failure, "compact")
+
+    def close(self) -> defer.Deferred:
+        """Write what is queued, close the file and stop the thread; fires when done (for shutdown)."""
+        if self._closed is None:
+            self._closing = True
+            self._closed = []
+            self._close_waiters = []
+
+            def closed(result):
+                self._closed.append(result)
+                for waiter in self._close_waiters:
+                    waiter.callback(result)
+            self._close().addBoth(closed)
+        d = defer.Deferred()
+        if self._closed:
+            d.callback(self._closed[0])
+        else:
+            self._close_waiters.append(d)
+        return d
+
+    @defer.inlineCallbacks
+    def _close(self):
+        while self._busy or self._queue:
+            waiter = defer.Deferred()
+            self._idle_waiters.append(waiter)
+            yield waiter
+        try:
+            yield self._lock.run(self._run, self._close_fd)
+        finally:
+            if self._pool is not None:
+                self._pool.stop()
+                self._pool = None
+
+    def stopService(self):
+        super().stopService()
+        return self.close()
+
+    def _flush(self):
+        if self._busy or not self._queue:
+            return
+        self._busy = True
+        self._lock.acquire().addCallback(self._write_queue)
+
+    def _write_queue(self, lock):
+        batch, self._queue = self._queue, []
+        d = self._run(self._write_batch, [line for line, _ in batch])
+
+        def done(result):
+            if isinstance(result, Failure):
+                error = self._storage_error(result, "write")
+                for _, waiter in batch:
+                    waiter.errback(error)
+            else:
+                for (_, waiter), offset in zip(batch, result):
+                    waiter.callback(offset)
+            lock.release()
+            self._busy = False
+            self._flush()
+            if not self._busy:
+                waiters, self._idle_waiters = self._idle_waiters, []
+                for waiter in waiters:
+                    waiter.callback(None)
+
+        d.addBoth(done)
+
+    def _storage_error(self, failure, what):
+        if failure.check(StorageUnavailable):
+            return failure.value
+        if failure.check(OSError):
+            e = failure.value
+            return StorageUnavailable(f"journal {self.path}: {what} failed: {e.strerror or e}")
+        _log.failure("journal {path}: unexpected error in {what}", failure, path=self.path, what=what)
+        return StorageUnavailable(f"journal {self.path}: {what} failed")
+
+    def _storage_failure(self, failure, what):
+        if failure.check(OSError, StorageUnavailable):
+            raise self._storage_error(failure, what)
+        return failure
+
+    def _run_in_pool(self, f, *args):
+        if self._pool is None:
+            self._pool = ThreadPool(minthreads=1, maxthreads=1, name="getcertd-journal")
+            self._pool.start()
+            pool = self._pool
+            self._reactor.addSystemEventTrigger("during", "shutdown", lambda: pool.joined or pool.stop())
+        return threads.deferToThreadPool(self._reactor, self._pool, f, *args)
+
+    # The worker side: blocking file work, one job at a time.
+
+    def _open(self):
+        if self._fd is None:
+            existed = os.path.exists(self.path)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0), 0o600)
+            try:
+                os.fchmod(fd, 0o600)
+                size = os.fstat(fd).st_size
+                valid = _valid_length(fd, size, self.path)
+                if valid != size:
+                    os.ftruncate(fd, valid)
+                    os.fsync(fd)
+                if not existed:
+                    _fsync_dir(self.path)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd, self._size, self._dirty = fd, valid, False
+        return self._fd
+
+    def _write_batch(self, lines):
+        fd = self._open()
+        if self._dirty:
+            os.ftruncate(fd, self._size)
+            self._dirty = False
+        data = b"".join(lines)
+        self._dirty = True
+        _write_all(fd, data)
+        os.fsync(fd)
+        start = self._size
+        self._size += len(data)
+        self._dirty = False
+        self.batches += 1
+        offsets = []
+        for line in lines:
+            offsets.append(start)
+            start += len(line)
+        return offsets
+
+    def _read_der(self, serial, offset):
+        fd = self._open()
+        buf = b""
+        while True:
+            chunk = os.pread(fd, 8192, offset + len(buf))
+            if not chunk:
+                break
+            buf += chunk
+            if b"\n" in chunk:
+                break
+        end = buf.find(b"\n")
+        line = buf[:end] if end >= 0 else buf
+        try:
+            event = _loads(line)
+            if event["e"] != "issue" or event["serial"] != serial:
+                raise ValueError("offset points at another event")
+            return base64.b64decode(event["der"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise StorageUnavailable(f"journal {self.path}: can't read serial {serial:#x} at {offset}: {e}")
+
+    def _compact_file(self, cutoff):
+        self._open()
+        if self._dirty:
+            os.ftruncate(self._fd, self._size)
+            self._dirty = False
+        end = self._size
+        revocations = {}
+        with open(self.path, "rb", buffering=1 << 20) as src:
+            pos = 0
+            for line in src:
+                pos += len(line)
+                if pos > end:
+                    break
+                if line.startswith(_REVOKE_PREFIX):
+                    event = _loads(line)
+                    revocations.setdefault(event["serial"], event)
+        tmp = self.path + ".compact"
+        records, offsets = [], array("q")
+        get = self.log.get
+        kept = 0
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            with open(fd, "wb", buffering=1 << 20, closefd=False) as out, \
+                    open(self.path, "rb", buffering=1 << 20) as src:
+                written = 0
+                pos = 0
+                for line in src:
+                    pos += len(line)
+                    if pos > end:
+                        break
+                    if not line.startswith(_ISSUE_PREFIX):
+                        continue
+                    event = _loads(line)
+                    if event["not_after"] < cutoff:
+                        continue
+                    serial = event["serial"]
+                    revocation = revocations.get(serial)
+                    if revocation is not None and event.get("revoked_at") is None:
+                        event["revoked_at"] = revocation["at"]
+                        event["revocation_reason"] = revocation["reason"]
+                        line = encode_event(event)
+                    record = get(serial)
+                    if record is not None:
+                        records.append(record)
+                        offsets.append(written)
+                    out.write(line)
+                    written += len(line)
+                    kept += 1
+                out.flush()
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        os.close(fd)
+        os.rename(tmp, self.path)
+        # From here on the compacted file is the journal, whatever fails next.
+        for record, offset in zip(records, offsets):
+            record.offset = offset
+        old, self._fd, self._size, self._dirty = self._fd, None, 0, False
+        os.close(old)
+        _fsync_dir(self.path)
+        return kept
+
+    def _close_fd(self):
+        if self._fd is not None:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+

@@ -1,0 +1,373 @@
+"""The issuance journal: durability, replay, torn lines, corruption, group commit, ENOSPC, compaction."""
+import base64
+import errno
+import json
+import os
+import stat
+import threading
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor, task, threads
+from twisted.python.failure import Failure
+
+from getcertd import journal as journal_module
+from getcertd.errors import ConfigError, StorageUnavailable
+from getcertd.issuance import IssuanceLog, Record
+from getcertd.journal import Journal, encode_event, issue_event, replay, revoke_event
+
+T0 = 1_780_000_000
+HOUR = 3600
+
+
+def rec(serial, user="alice", issued_at=T0, lifetime=8 * HOUR, **kw):
+    fields = dict(profile="vpn", subject=f"CN={user},O=Example", san=f"email:{user}@example.com",
+                  key_type="ec-p256", tid=f"{serial:040X}", client="192.0.2.7", auth_method="local")
+    fields.update(kw)
+    return Record(serial, user, fields["profile"], fields["subject"], fields["san"], fields["key_type"],
+                  issued_at - 300, issued_at + lifetime, fields["tid"], fields["client"], fields["auth_method"],
+                  issued_at)
+
+
+def der_of(serial):
+    return b"\x30\x82" + serial.to_bytes(20, "big") * 30  # stands in for a certificate: any bytes round-trip
+
+
+def sync_run(f, *args):
+    return defer.maybeDeferred(f, *args)
+
+
+def result_of(d):
+    """The result of a Deferred that has already fired (the synchronous runner); raises its failure."""
+    out = []
+    d.addBoth(out.append)
+    assert out, "the Deferred has not fired"
+    if isinstance(out[0], Failure):
+        out[0].raiseException()
+    return out[0]
+
+
+def state(log):
+    return [(r.to_dict(), r.offset) for r in log]
+
+
+@pytest.fixture
+def path(tmp_path):
+    return str(tmp_path / "journal")
+
+
+def test_append_and_replay_round_trip(path):
+    log = IssuanceLog()
+    j = Journal(path, log, run=sync_run)
+    records = [rec(2**126 + 1, "alice"), rec(5, "bob", T0 + 10),
+               rec(2**127 - 1, "Zoë", T0 + 20, subject='CN=Zoë "Z" \\ Müller,O=Ex\\,ample', san="DNS:zoe.example"),
+               rec(6, "alice", T0 + 30, auth_method="challengePassword", client="2001:db8::1")]
+    for r in records:
+        assert result_of(j.record_issue(r, der_of(r.serial))) is r
+    assert result_of(j.record_revocation(5, "keyCompromise", T0 + 40)).revocation_reason == 1
+    assert result_of(j.record_revocation(5, 4, T0 + 50)).revoked_at == T0 + 40  # already revoked: unchanged
+    assert result_of(j.record_user_revocation("alice", 4, T0 + 60)) == [records[0], records[3]]
+    result_of(j.close())
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+    lines = open(path, "rb").read().splitlines()
+    assert len(lines) == 7  # 4 issues, 3 revocations (the repeated one wrote nothing)
+    assert json.loads(lines[0])["der"] == base64.b64encode(der_of(2**126 + 1)).decode()
+    assert json.loads(lines[4]) == {"e": "revoke", "serial": 5, "reason": 1, "at": T0 + 40}
+
+    again = IssuanceLog()
+    assert replay(path, again) == 7
+    assert state(again) == state(log)
+    assert again.get(5).revocation_reason == 1 and again.get(6).revoked_at == T0 + 60
+
+    # After a restart the certificates are read back from the journal by offset.
+    j2 = Journal(path, again, run=sync_run)
+    for r in records:
+        assert again.cached_der(r.serial) is None
+        assert result_of(j2.certificate(r.serial)) == der_of(r.serial)
+    assert result_of(j2.certificate(12345)) is None
+    result_of(j2.close())
+
+
+def test_missing_journal_replays_nothing(path):
+    assert replay(path, IssuanceLog()) == 0
+
+
+@pytest.mark.parametrize("record", [
+    rec(1, "a"), rec(2**159 + 3, "b", T0 + 1), rec(0, "zero", 300, lifetime=300), rec(7, "neg", 0),
+    rec(42, "ünï", subject="CN=ü"),
+    rec(43, "tab", subject="CN=a\tb"), rec(44, "q", san='URI:"x"'),
+])
+@pytest.mark.parametrize("revoked", [None, (T0 + 5, 1), (T0 + 6, 0)])
+def test_fast_path_agrees_with_json(record, revoked):
+    if revoked:
+        record.revoked_at, record.revocation_reason = revoked
+    line = encode_event(issue_event(record, b"\x01\x02"))
+    fast = journal_module._fast_issue(line, 77)
+    event = json.loads(line)
+    if fast is not None:
+        assert fast.to_dict() == Record.from_dict(event).to_dict() and fast.offset == 77
+    # Lines with escaped characters or negative numbers take the json path, which is the reference.
+    plain = record.not_before >= 0 and record.user.isascii() and record.subject.isascii() \
+        and "\t" not in record.subject and '"' not in record.san
+    assert (fast is not None) == plain
+
+
+def test_fast_path_refuses_other_layouts():
+    good = encode_event(issue_event(rec(9), b"x"))
+    assert journal_module._fast_issue(good, 0) is not None
+    for bad in (good.replace(b'"user"', b'"usr"'), good.replace(b'"not_after":', b'"not_after":-'),
+                good.replace(b'"serial":9', b'"serial":9.5'), good[:-2] + b',"x":1}\n',
+                good.replace(b'"e":"issue",', b'"e":"issue","v":2,')):
+        assert journal_module._fast_issue(bad, 0) is None, bad
+
+
+def write(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def lines_for(n):
+    return [encode_event(issue_event(rec(i + 1, f"u{i}", T0 + i), der_of(i + 1))) for i in range(n)]
+
+
+@pytest.mark.parametrize("torn", [b'{"e":"issue","serial":99,"us', b'{"e":"iss\n', b"\x00\x00\x00\x00", b"\n"])
+def test_torn_last_line_is_skipped_then_truncated_before_the_next_append(path, torn):
+    good = lines_for(3)
+    write(path, b"".join(good) + torn)
+    log = IssuanceLog()
+    assert replay(path, log) == 3 and len(log) == 3
+    j = Journal(path, log, run=sync_run)
+    r = rec(100, "late", T0 + 100)
+    offset = result_of(j.record_issue(r, b"late")).offset
+    result_of(j.close())
+    assert offset == sum(map(len, good))
+    assert open(path, "rb").read() == b"".join(good) + encode_event(issue_event(r, b"late"))
+    again = IssuanceLog()
+    assert replay(path, again) == 4 and state(again) == state(log)
+
+
+@pytest.mark.parametrize("bad", [b"{not json}\n", b'{"e":"issue","ser\n', b"\n", b"garbage"])
+def test_corruption_before_the_last_line_names_the_file_and_line(path, bad):
+    good = lines_for(3)
+    write(path, good[0] + bad + (b"\n" if not bad.endswith(b"\n") else b"") + good[1] + good[2])
+    with pytest.raises(ConfigError, match=rf"journal {path}, line 2: .*corrupt"):
+        replay(path, IssuanceLog())
+
+
+@pytest.mark.parametrize("last", [
+    b'{"e":"bogus"}\n', b'{"e":"issue","serial":1}\n', b'{"e":"revoke","serial":1,"reason":7,"at":5}\n',
+    b'{"e":"issue","serial":"7","user":"a","profile":"p","subject":"s","san":"","key_type":"k","not_before":1,'
+    b'"not_after":2,"transaction_id":"t","client":"c","auth_method":"local","issued_at":1}\n'])
+def test_a_complete_but_meaningless_line_is_corruption_even_at_the_end(path, last):
+    write(path, b"".join(lines_for(2)) + last)
+    with pytest.raises(ConfigError, match=rf"journal {path}, line 3"):
+        replay(path, IssuanceLog())
+
+
+def test_duplicate_serial_is_corruption(path):
+    good = lines_for(2)
+    write(path, good[0] + good[1] + good[0])
+    with pytest.raises(ConfigError, match="line 3: serial 0x1 is already"):
+        replay(path, IssuanceLog())
+
+
+def test_revocation_of_a_pruned_serial_is_ignored(path):
+    write(path, b"".join(lines_for(2)) + encode_event(revoke_event(555, 1, T0)))
+    log = IssuanceLog()
+    assert replay(path, log) == 3 and log.revoked_unexpired(0) == []
+
+
+class Failing:
+    """Wraps os.write/os.fsync so calls on the journal's own file fail with ENOSPC while ``armed``."""
+
+    def __init__(self, monkeypatch, name, partial=False):
+        self.real = getattr(os, name)
+        self.armed = True
+        self.calls = 0
+        self.partial = partial
+        monkeypatch.setattr(journal_module.os, name, self)
+        self.journal = None
+
+    def __call__(self, fd, *args):
+        if self.armed and self.journal is not None and fd == self.journal._fd:
+            self.calls += 1
+            if self.partial:  # half the data reaches the file, then the disk is full
+                self.real(fd, bytes(args[0][:len(args[0]) // 2]))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.real(fd, *args)
+
+
+@pytest.mark.parametrize("name,partial", [("fsync", False), ("write", False), ("write", True)])
+def test_enospc_fails_every_waiting_append_then_recovers(path, monkeypatch, name, partial):
+    log = IssuanceLog()
+    j = Journal(path, log, run=sync_run)
+    result_of(j.record_issue(rec(1), b"one"))
+    failing = Failing(monkeypatch, name, partial)
+    failing.journal = j
+    d = j.record_issue(rec(2), b"two")
+    with pytest.raises(StorageUnavailable, match="No space left on device"):
+        result_of(d)
+    assert failing.calls == 1 and log.get(2) is None  # never acknowledged, never in the log
+    with pytest.raises(StorageUnavailable):
+        result_of(j.record_revocation(1, 1, T0))
+    assert log.get(1).revoked_at is None
+    failing.armed = False
+    assert result_of(j.record_issue(rec(2), b"two")).serial == 2  # the same serial can be retried
+    result_of(j.close())
+    again = IssuanceLog()
+    assert replay(path, again) == 2 and state(again) == state(log)
+    assert open(path, "rb").read().count(b"\n") == 2
+
+
+def test_appends_after_close_fail(path):
+    j = Journal(path, IssuanceLog(), run=sync_run)
+    result_of(j.close())
+    with pytest.raises(StorageUnavailable, match="closed"):
+        result_of(j.append({"e": "noop"}))
+
+
+class ManualRun:
+    """A runner whose jobs complete only when the test says so (one at a time, like the one-thread pool)."""
+
+    def __init__(self):
+        self.jobs = []
+
+    def __call__(self, f, *args):
+        d = defer.Deferred()
+        self.jobs.append((f, args, d))
+        return d
+
+    def step(self):
+        f, args, d = self.jobs.pop(0)
+        try:
+            result = f(*args)
+        except Exception:
+            d.errback()
+        else:
+            d.callback(result)
+
+
+def test_group_commit_with_a_hand_driven_worker(path):
+    run = ManualRun()
+    j = Journal(path, IssuanceLog(), run=run)
+    first = j.append({"e": "x", "n": 1})
+    assert len(run.jobs) == 1
+    rest = [j.append({"e": "x", "n": n}) for n in (2, 3, 4)]  # while the first write+fsync runs
+    assert len(run.jobs) == 1
+    run.step()
+    assert result_of(first) == 0 and not any(d.called for d in rest)
+    assert len(run.jobs) == 1  # the three waiting events, as one batch
+    assert run.jobs[0][1][0] == [encode_event({"e": "x", "n": n}) for n in (2, 3, 4)]
+    run.step()
+    assert [result_of(d) for d in rest] == [16, 32, 48]
+    assert j.batches == 2
+    closing = j.close()
+    run.step()
+    assert closing.called
+
+
+@pytest_twisted.inlineCallbacks
+def test_group_commit_with_the_real_thread_and_reactor(path, monkeypatch):
+    """Events appended while an fsync blocks the worker thread go out together in the next write+fsync."""
+    real_fsync, real_write = os.fsync, os.write
+    entered, release = threading.Event(), threading.Event()
+    fsyncs, writes = [], []
+    j = Journal(path, IssuanceLog(), reactor)
+
+    def fsync(fd):
+        if fd == j._fd:
+            fsyncs.append(threading.current_thread().name)
+            if len(fsyncs) == 1:
+                entered.set()
+                release.wait(10)
+        return real_fsync(fd)
+
+    def write(fd, data):
+        if fd == j._fd:
+            writes.append(bytes(data).count(b"\n"))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(journal_module.os, "fsync", fsync)
+    monkeypatch.setattr(journal_module.os, "write", write)
+    try:
+        first = j.append({"e": "x", "n": 0})
+        assert (yield threads.deferToThread(entered.wait, 10))
+        rest = [j.append({"e": "x", "n": n}) for n in range(1, 6)]
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        assert not first.called and not any(d.called for d in rest)  # nothing is acknowledged before fsync
+        release.set()
+        offsets = yield defer.gatherResults([first] + rest)
+    finally:
+        release.set()
+        yield j.close()
+    assert offsets == [i * 16 for i in range(6)]
+    assert writes == [1, 5] and len(fsyncs) >= 2 and j.batches == 2
+    assert all(name != threading.current_thread().name for name in fsyncs)  # never on the reactor thread
+    assert [json.loads(line)["n"] for line in open(path, "rb")] == list(range(6))
+
+
+def test_compaction_drops_old_records_folds_revocations_and_moves_offsets(path):
+    log = IssuanceLog()
+    j = Journal(path, log, run=sync_run)
+    old = [rec(i, f"old{i}", T0 + i, lifetime=HOUR) for i in range(1, 4)]
+    new = [rec(i, f"new{i}", T0 + i, lifetime=100 * HOUR) for i in range(10, 14)]
+    for r in old + new:
+        result_of(j.record_issue(r, der_of(r.serial)))
+    result_of(j.record_revocation(2, 1, T0 + 50))  # an old one: dropped with its record
+    result_of(j.record_revocation(11, 4, T0 + 60))
+    before = os.path.getsize(path)
+    kept = result_of(j.compact(T0 + 10 * HOUR, 2 * HOUR))  # cutoff T0 + 8h: the one-hour certificates go
+    assert kept == 4
+    assert sorted(r.serial for r in log) == [10, 11, 12, 13]
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and os.path.getsize(path) < before
+    assert not os.path.exists(path + ".compact")
+    events = [json.loads(line) for line in open(path, "rb")]
+    assert [e["e"] for e in events] == ["issue"] * 4
+    assert events[1]["revoked_at"] == T0 + 60 and events[1]["revocation_reason"] == 4
+    for r in new:  # offsets now point into the compacted file
+        log._der.clear()
+        assert result_of(j.certificate(r.serial)) == der_of(r.serial)
+    result_of(j.record_issue(rec(20, "after"), der_of(20)))
+    result_of(j.record_revocation(12, 5, T0 + 70))
+    result_of(j.close())
+    again = IssuanceLog()
+    assert replay(path, again) == 6 and state(again) == state(log)
+
+
+def test_compaction_failure_leaves_the_journal_as_it_was(path, monkeypatch):
+    log = IssuanceLog()
+    j = Journal(path, log, run=sync_run)
+    for r in (rec(1, lifetime=HOUR), rec(2, lifetime=100 * HOUR)):
+        result_of(j.record_issue(r, der_of(r.serial)))
+    content = open(path, "rb").read()
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if fd != j._fd:
+            raise OSError(errno.EIO, "I/O error")
+        return real_fsync(fd)
+    monkeypatch.setattr(journal_module.os, "fsync", fsync)
+    with pytest.raises(StorageUnavailable, match="compact failed"):
+        result_of(j.compact(T0 + 10 * HOUR, 0))
+    monkeypatch.undo()
+    assert open(path, "rb").read() == content and len(log) == 2 and not os.path.exists(path + ".compact")
+    log._der.clear()
+    assert result_of(j.certificate(1)) == der_of(1)
+    result_of(j.close())
+
+
+def test_a_read_queued_behind_a_compaction_uses_the_new_offset(path):
+    run = ManualRun()
+    log = IssuanceLog(der_cache_size=0)
+    j = Journal(path, log, run=run)
+    for r in (rec(1, lifetime=HOUR), rec(2, lifetime=100 * HOUR)):
+        d = j.record_issue(r, der_of(r.serial))
+        run.step()
+        result_of(d)
+    compacting = j.compact(T0 + 10 * HOUR, 0)
+    reading = j.certificate(2)  # asked before the compaction finishes
+    run.step()
+    assert result_of(compacting) == 1 and log.get(2).offset == 0
+    run.step()
+    assert result_of(reading) == der_of(2)
