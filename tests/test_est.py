@@ -285,6 +285,7 @@ def test_strongswan_pki_estca_est_and_reenroll(app, pki, tmp_path):
     with interop_row("strongSwan pki --est", pki.describe(), "HTTPS", "wrong password (expect refusal)") as row:
         p = pki.run("--est", "--url", f"https://localhost:{app.port}", "--in", str(tmp_path / "first.req"),
                     "--cacert", app.ca_pem, "--userpass", "alice:wrong", "--outform", "pem")
+        row["cipher/digest"] = pki_suite(p.stderr)
         assert p.returncode != 0 and "HTTP 401" in p.stderr, p.stderr
         row["result"] = "pass (refused: HTTP 401)"
 
