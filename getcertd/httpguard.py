@@ -4,7 +4,8 @@ idle timeout, and a cap on concurrent connections answered with a clear 503.
 Twisted's HTTPChannel resets its timeout on every byte received, so a client trickling one header byte at a
 time would hold a connection forever; here each request must arrive whole within ``request_timeout``.
 """
-from twisted.internet import protocol
+from twisted.application import service
+from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.web import http, server
 
@@ -97,9 +98,11 @@ class GuardedChannel(http.HTTPChannel):
         if self._rejected:
             return
         self._disarm()  # the request is in; processing time is the application's business
+        self.factory.processing += 1
         super().allContentReceived()
 
     def requestDone(self, request):
+        self.factory.processing -= 1
         super().requestDone(request)
         self._between_requests = True  # waiting is idle_timeout's business until a byte arrives
 
@@ -130,6 +133,7 @@ class GuardedSite(server.Site):
         self.request_timeout = request_timeout
         self.active = 0
         self.refused = 0
+        self.processing = 0  # requests received whole and not yet answered
 
     def buildProtocol(self, addr):
         if self.active >= self.max_connections:
@@ -145,3 +149,32 @@ class GuardedSite(server.Site):
 
     def connection_closed(self):
         self.active -= 1
+
+
+class Drain(service.Service):
+    """On shutdown, after the listeners have stopped accepting: wait (at most ``timeout`` seconds) until the
+    sites have answered every request they received, so in-flight enrollments finish and are journalled."""
+    name = "drain"
+
+    def __init__(self, sites, clock, timeout=20.0):
+        self.sites = sites
+        self.clock = clock
+        self.timeout = timeout
+
+    def stopService(self):
+        super().stopService()
+        done = defer.Deferred()
+        deadline = self.clock.seconds() + self.timeout
+
+        def check():
+            busy = sum(site.processing for site in self.sites)
+            if busy == 0:
+                done.callback(None)
+            elif self.clock.seconds() >= deadline:
+                log.warn("shutting down with {n} requests still in progress", n=busy)
+                done.callback(None)
+            else:
+                self.clock.callLater(0.05, check)
+        check()
+        return done
+

@@ -9,7 +9,7 @@ import os
 from OpenSSL import SSL, crypto as _crypto
 from cryptography.hazmat.primitives import serialization
 from twisted.application import service, strports
-from twisted.internet import ssl
+from twisted.internet import defer, ssl
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
@@ -20,6 +20,7 @@ from getcertd.ca import fingerprint
 from getcertd.config import parse_config
 from getcertd.enroll import EnrollmentService
 from getcertd.errors import ConfigError
+from getcertd.httpguard import Drain
 from getcertd.local import LocalAuthenticator
 from getcertd.policy import Policy
 from getcertd import est, est_web, state, web
@@ -123,7 +124,7 @@ def _make(config, reactor, now):
         ra_key, ra_cert = ca.key, None
     tls_key, tls_cert, tls_chain = state.load_or_create_tls(config, ca, now)
 
-    top = service.MultiService()
+    top = Appliance()
     issuance_log = IssuanceLog()
     journal_path = os.path.join(config.state_dir, "journal")
     count = replay(journal_path, issuance_log)
@@ -159,14 +160,19 @@ def _make(config, reactor, now):
                             f"getcert enroll --url {scep_url} --user USER --ca-fingerprint sha256:"
                             + fingerprint(ca.certificate).replace(":", "").lower() + " --out DIR")
 
+    sites = []
+
     def site(secure):
         root = web.Root(page if secure else b"")
         for path in config.scep_paths:
             web.add_path(root, path, web.ScepResource(enrollment, material, secure, caps))
         if secure:  # EST is defined over TLS only
             web.add_path(root, est.WELL_KNOWN, est_web.EstRoot(EstService(enrollment, ca.certificate)))
-        return web.Site(root, max_connections=config.max_connections, request_timeout=config.request_timeout,
-                        idle_timeout=config.idle_timeout)
+        sites.append(web.Site(root, max_connections=config.max_connections, request_timeout=config.request_timeout,
+                              idle_timeout=config.idle_timeout))
+        return sites[-1]
+
+    Drain(sites, reactor).setServiceParent(top)  # stops after the listeners below: in-flight requests finish
 
     https = strports.service(config.https_listen, TLSMemoryBIOFactory(
         tls_options(tls_key, tls_cert, tls_chain, client_ca=ca.certificate), False, site(True)))
@@ -181,3 +187,16 @@ def _make(config, reactor, now):
     top.enrollment = enrollment
     top.issuance_log = issuance_log
     return top
+
+
+class Appliance(service.MultiService):
+    """The top service: children stop one after another, in reverse order of addition (listeners first,
+    then the drain, then the backends, the journal last), each waiting for the one before."""
+
+    def stopService(self):
+        service.Service.stopService(self)
+        d = defer.succeed(None)
+        for child in reversed(list(self)):
+            d.addCallback(lambda _, c=child: c.stopService())
+            d.addErrback(lambda f, c=child: log.failure("stopping {name}", f, name=c.name))
+        return d

@@ -112,3 +112,25 @@ def test_caps_against_a_real_appliance(appliance_factory):
     t0 = time.monotonic()
     r = _read_all(s)
     assert r.count(b"POSTPKIOperation") == 2 and b"408" not in r and 2 < time.monotonic() - t0 < 8
+
+
+def test_drain_waits_for_requests_in_progress_within_a_bound():
+    from getcertd.httpguard import Drain
+    clock = Clock()
+    site = GuardedSite(resource.Resource(), reactor=clock)
+    site.processing = 2
+    d = Drain([site], clock, timeout=5).stopService()
+    fired = []
+    d.addCallback(fired.append)
+    clock.advance(1)
+    assert not fired
+    site.processing = 0
+    clock.advance(0.05)
+    assert fired
+    site.processing = 1  # a request that never ends doesn't hold shutdown past the bound
+    d = Drain([site], clock, timeout=5).stopService()
+    fired = []
+    d.addCallback(fired.append)
+    for _ in range(110):
+        clock.advance(0.05)
+    assert fired
