@@ -403,7 +403,8 @@ class Journal(service.Service):
             self._idle_waiters.append(waiter)
             yield waiter
         try:
-            yield self._lock.run(self._run, self._close_fd)
+            # Under the lock no job runs, so the worker's _fd can be looked at here.
+            yield self._lock.run(lambda: self._run(self._close_fd) if self._fd is not None else None)
         finally:
             if self._pool is not None:
                 self._pool.stop()
