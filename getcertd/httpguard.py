@@ -85,14 +85,20 @@ class GuardedChannel(http.HTTPChannel):
             return
         super().allHeadersReceived()
 
-    def handleContentChunk(self, data):
+    def body_chunk(self, data) -> bool:
+        """Count a piece of request body (GuardedRequest calls this); False once past the cap.
+
+        HTTPChannel hands body data straight to the request (its transfer decoders call
+        Request.handleContentChunk), so the count lives here but is driven from the request: a chunked body
+        announces no length and would otherwise be spooled to a temporary file without limit.
+        """
         if self._rejected:
-            return
+            return False
         self._body_bytes += len(data)
-        if self._body_bytes > MAX_BODY:  # chunked bodies announce no length
+        if self._body_bytes > MAX_BODY:
             self._reject(413, "Payload Too Large", f"request body too large (limit {MAX_BODY} bytes)")
-            return
-        super().handleContentChunk(data)
+            return False
+        return True
 
     def allContentReceived(self):
         if self._rejected:
@@ -114,6 +120,15 @@ class GuardedChannel(http.HTTPChannel):
         super().connectionLost(reason)
 
 
+class GuardedRequest(server.Request):
+    """A request whose body counts against its channel's cap as it arrives."""
+
+    def handleContentChunk(self, data):
+        body_chunk = getattr(self.channel, "body_chunk", None)
+        if body_chunk is None or body_chunk(data):
+            super().handleContentChunk(data)
+
+
 class Overloaded(protocol.Protocol):
     """Past the connection cap: a clear 503, then close."""
 
@@ -126,6 +141,7 @@ class Overloaded(protocol.Protocol):
 class GuardedSite(server.Site):
     """A Site whose channels are GuardedChannels, at most ``max_connections`` at a time."""
     protocol = GuardedChannel
+    requestFactory = GuardedRequest
 
     def __init__(self, resource, max_connections=1000, request_timeout=30.0, idle_timeout=60.0, **kw):
         super().__init__(resource, timeout=idle_timeout, **kw)
