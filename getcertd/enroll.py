@@ -69,6 +69,8 @@ class EnrollmentService:
         self.stats = stats
         self.run_crypto = run_crypto
         self._in_flight = {}  # transactionID -> Deferred of the certificate being issued
+        self._pending_users = {}  # user -> issues in progress, counted against the per-user limits
+        self._pending_serials = set()
 
     def now(self) -> datetime.datetime:
         return datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.timezone.utc)
@@ -290,19 +292,31 @@ class EnrollmentService:
         """
         now = self.now()
         since = int(self.clock.seconds()) - 3600
+        user = identity.user
+        pending = self._pending_users.get(user, 0)  # issues of this user still being signed or journalled
         decision = self.policy.decide(
             identity, public_key, now, self.ca.not_after(),
-            valid_count=len(self.log.valid_for_user(identity.user, int(self.clock.seconds()))),
-            issued_last_hour=self.log.count_issued_since(identity.user, since), profile=profile)
+            valid_count=len(self.log.valid_for_user(user, int(self.clock.seconds()))) + pending,
+            issued_last_hour=self.log.count_issued_since(user, since) + pending, profile=profile)
         serial = self._new_serial()
-        cert = await self.run_crypto(self.ca.issue, public_key, decision.subject, decision.san, decision.not_before,
-                                     decision.not_after, serial, decision.eku, self.crl_url)
-        record = Record(serial, identity.user, decision.profile, decision.subject.rfc4514_string(),
-                        ", ".join(str(g.value) for g in decision.san), decision.key_type,
-                        int(decision.not_before.timestamp()), int(decision.not_after.timestamp()), transaction_id,
-                        client, identity.method, int(self.clock.seconds()))
-        # Journalled and fsynced before anything leaves the server; StorageUnavailable becomes a 503.
-        await self.journal.record_issue(record, cert.public_bytes(serialization.Encoding.DER))
+        self._pending_users[user] = pending + 1
+        self._pending_serials.add(serial)
+        try:
+            cert = await self.run_crypto(self.ca.issue, public_key, decision.subject, decision.san,
+                                         decision.not_before, decision.not_after, serial, decision.eku, self.crl_url)
+            record = Record(serial, user, decision.profile, decision.subject.rfc4514_string(),
+                            ", ".join(str(g.value) for g in decision.san), decision.key_type,
+                            int(decision.not_before.timestamp()), int(decision.not_after.timestamp()),
+                            transaction_id, client, identity.method, int(self.clock.seconds()))
+            # Journalled and fsynced before anything leaves the server; StorageUnavailable becomes a 503.
+            await self.journal.record_issue(record, cert.public_bytes(serialization.Encoding.DER))
+        finally:
+            self._pending_serials.discard(serial)
+            left = self._pending_users[user] - 1
+            if left:
+                self._pending_users[user] = left
+            else:
+                del self._pending_users[user]
         self._count("issued", decision.profile)
         log.info("issued serial {serial:x} to {user!r} ({profile}, until {until}) for {client}", serial=serial,
                  user=identity.user, profile=decision.profile, until=decision.not_after.isoformat(), client=client)
@@ -311,7 +325,7 @@ class EnrollmentService:
     def _new_serial(self) -> int:
         while True:
             serial = random_serial()
-            if self.log.get(serial) is None:
+            if self.log.get(serial) is None and serial not in self._pending_serials:
                 return serial
 
     async def _certificate(self, serial):

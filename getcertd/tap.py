@@ -124,7 +124,7 @@ def _make(config, reactor, now):
         ra_key, ra_cert = ca.key, None
     tls_key, tls_cert, tls_chain = state.load_or_create_tls(config, ca, now)
 
-    top = Appliance()
+    top = Appliance(reactor)
     issuance_log = IssuanceLog()
     journal_path = os.path.join(config.state_dir, "journal")
     count = replay(journal_path, issuance_log)
@@ -191,12 +191,25 @@ def _make(config, reactor, now):
 
 class Appliance(service.MultiService):
     """The top service: children stop one after another, in reverse order of addition (listeners first,
-    then the drain, then the backends, the journal last), each waiting for the one before."""
+    then the drain, then the backends, the journal last), each waiting for the one before.
+
+    After a clean stop on SIGTERM the process exits 0: twistd would otherwise re-raise the signal against
+    itself (exit status -15), which supervisors other than systemd report as a crash.
+    """
+
+    def __init__(self, reactor=None):
+        super().__init__()
+        self._reactor = reactor
 
     def stopService(self):
         service.Service.stopService(self)
         d = defer.succeed(None)
         for child in reversed(list(self)):
             d.addCallback(lambda _, c=child: c.stopService())
-            d.addErrback(lambda f, c=child: log.failure("stopping {name}", f, name=c.name))
-        return d
+            d.addErrback(lambda f, c=child: (failed.append(c.name), log.failure("stopping {name}", f, name=c.name)))
+
+        def stopped(_):
+            if not failed and getattr(self._reactor, "_exitSignal", None) is not None:
+                self._reactor._exitSignal = None  # read by twistd's ApplicationRunner after reactor.run returns
+        return d.addCallback(stopped)
+        failed = []

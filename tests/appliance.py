@@ -70,11 +70,15 @@ class Appliance:
     def ca_pem(self):
         return os.path.join(self.state_dir, "ca.pem")
 
-    def start(self, timeout=30):
+    def start(self, timeout=30, namespace_setup=None):
+        """Start twistd; with ``namespace_setup`` (a shell script), first run that script in a private mount
+        namespace (`unshare -m`) and exec twistd there, with the same pid."""
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [tool("twistd"), "-n", "--pidfile", os.path.join(self.dir, "twistd.pid"), "getcertd",
-             "--config", self.config_path], stdout=log, stderr=subprocess.STDOUT, cwd=self.dir)
+        args = [tool("twistd"), "-n", "--pidfile", os.path.join(self.dir, "twistd.pid"), "getcertd",
+                "--config", self.config_path]
+        if namespace_setup:
+            args = ["unshare", "-m", "sh", "-c", namespace_setup + ' && exec "$@"', "sh"] + args
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
