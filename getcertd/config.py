@@ -51,6 +51,7 @@ class Config:
     renewal_without_auth: bool
     ca_certificate: str
     ca_key: str
+    ca_key_passphrase_file: str
     ca_key_type: str
     ca_subject: str
     ca_lifetime: int
@@ -98,7 +99,7 @@ _SCHEMA = {
               "request_timeout": "30s", "idle_timeout": "60s"},
     "http": {"listen": ""},
     "scep": {"paths": "/cgi-bin/pkiclient.exe /scep", "allow_legacy_des": "no", "renewal_without_auth": "no"},
-    "ca": {"certificate": "", "key": "", "key_type": "rsa2048", "subject": "CN=getcertd CA", "lifetime": "3650d",
+    "ca": {"certificate": "", "key": "", "key_passphrase_file": "", "key_type": "rsa2048", "subject": "CN=getcertd CA", "lifetime": "3650d",
            "ra": "yes"},
     "auth": {"backend": "local", "users": "", "challenge_user": "cn"},
     "radius": {"servers": "", "secret": "", "secret_file": "", "timeout": "3s", "retries": "2",
@@ -255,7 +256,8 @@ def _build(v, raw_profiles, source, read_file) -> Config:
         http_listen=v["http"]["listen"], scep_paths=paths,
         allow_legacy_des=_bool("scep", "allow_legacy_des", v["scep"]["allow_legacy_des"]),
         renewal_without_auth=_bool("scep", "renewal_without_auth", v["scep"]["renewal_without_auth"]),
-        ca_certificate=ca["certificate"], ca_key=ca["key"], ca_key_type=ca["key_type"], ca_subject=ca["subject"],
+        ca_certificate=ca["certificate"], ca_key=ca["key"], ca_key_passphrase_file=ca["key_passphrase_file"],
+        ca_key_type=ca["key_type"], ca_subject=ca["subject"],
         ca_lifetime=_dur("ca", "lifetime", ca["lifetime"]), ra=_bool("ca", "ra", ca["ra"]),
         auth_backend=auth["backend"], users_file=auth["users"], challenge_user=auth["challenge_user"],
         radius=radius, skew=_dur("policy", "skew", pol["skew"]),

@@ -56,7 +56,12 @@ def load_key(path: str, what: str, passphrase=None, check_mode=True):
                               f"run: chmod 600 {path}")
         with open(path, "rb") as f:
             return serialization.load_pem_private_key(f.read(), passphrase)
-    except (OSError, ValueError, TypeError) as e:
+    except TypeError:
+        raise ConfigError(f"{what} {path} is encrypted: set [ca] key_passphrase_file" if passphrase is None
+                          else f"{what} {path} is not encrypted, but [ca] key_passphrase_file is set") from None
+    except (OSError, ValueError) as e:
+        if passphrase is not None and isinstance(e, ValueError):
+            raise ConfigError(f"{what} {path}: the passphrase in [ca] key_passphrase_file does not open it") from None
         raise ConfigError(f"{what} {path}: {e}") from None
 
 
@@ -82,20 +87,38 @@ def _same_public_key(key, cert) -> bool:
     return key.public_key().public_bytes(*fmt) == cert.public_key().public_bytes(*fmt)
 
 
+def read_passphrase(path: str):
+    """The CA key passphrase from [ca] key_passphrase_file (first line), or None when not configured."""
+    if not path:
+        return None
+    try:
+        st = os.stat(path)
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            raise ConfigError(f"[ca] key_passphrase_file {path} is readable by others; run: chmod 600 {path}")
+        with open(path, "rb") as f:
+            passphrase = f.readline().rstrip(b"\r\n")
+    except OSError as e:
+        raise ConfigError(f"[ca] key_passphrase_file {path}: {e.strerror}") from None
+    if not passphrase:
+        raise ConfigError(f"[ca] key_passphrase_file {path} is empty")
+    return passphrase
+
+
 def load_or_create_ca(config, now: datetime.datetime, log) -> CertificateAuthority:
+    passphrase = read_passphrase(config.ca_key_passphrase_file)
     if config.ca_certificate:
-        key = load_key(config.ca_key, "[ca] key")
+        key = load_key(config.ca_key, "[ca] key", passphrase)
         cert = load_cert(config.ca_certificate, "[ca] certificate")
     else:
         key_path = os.path.join(config.state_dir, "ca.key")
         cert_path = os.path.join(config.state_dir, "ca.pem")
         if os.path.exists(key_path):
-            key = load_key(key_path, "CA key")
+            key = load_key(key_path, "CA key", passphrase)
             cert = load_cert(cert_path, "CA certificate")
         else:
             key = generate_key(config.ca_key_type)
             cert = make_ca_certificate(key, config.ca_subject, now, datetime.timedelta(seconds=config.ca_lifetime))
-            write_private(key_path, key_pem(key))
+            write_private(key_path, key_pem(key, passphrase))
             write_public(cert_path, cert_pem(cert))
             log.info("generated a new CA {subject} in {dir}", subject=cert.subject.rfc4514_string(),
                      dir=config.state_dir)

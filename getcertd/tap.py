@@ -5,6 +5,7 @@ child service. Nothing listens until the MultiService starts.
 """
 import datetime
 import os
+import sys
 
 from OpenSSL import SSL, crypto as _crypto
 from cryptography.hazmat.primitives import serialization
@@ -102,7 +103,10 @@ def makeService(options, reactor=None):
     try:
         return _make(config, reactor, now)
     except ConfigError as e:
-        raise usage.UsageError(str(e))
+        # twistd prints a traceback for any exception from makeService; a configuration problem deserves
+        # one line naming the file and key, and a non-zero exit.
+        sys.stderr.write(f"getcertd: {e}\n")
+        raise SystemExit(1) from None
 
 
 def _make(config, reactor, now):

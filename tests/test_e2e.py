@@ -182,3 +182,38 @@ def test_failed_logins_are_throttled_the_same_for_unknown_users(app, tmp_path):
         assert codes[:5] == [401] * 5 and codes[5] == 429, (user, codes)
     status, headers, body = http(url, data=msg, cafile=app.ca_pem, headers=basic("alice", "alice pass"))
     assert status == 429 and int(headers["Retry-After"]) >= 1 and b"too many failed attempts" in body
+
+
+def test_passphrase_encrypted_ca_key(appliance_factory, tmp_path):
+    pw = tmp_path / "ca-pass"
+    pw.write_text("correct horse battery staple\n")
+    os.chmod(pw, 0o600)
+    app = appliance_factory(sections={"ca": {"key_passphrase_file": str(pw)}}, users={"alice": "alice-pass"})
+    key_pem = open(os.path.join(app.state_dir, "ca.key"), "rb").read()
+    assert b"ENCRYPTED PRIVATE KEY" in key_pem
+    p = app.getcert("alice", ["alice-pass"], tmp_path / "o")
+    assert p.returncode == 0, p.stderr
+    assert app.stop() == 0
+    app.start()  # restarts with the same passphrase
+    app.stop()
+    pw.write_text("wrong\n")
+    with pytest.raises(RuntimeError, match="does not open it"):
+        app.start()
+    pw.unlink()
+    with pytest.raises(RuntimeError, match="key_passphrase_file"):
+        app.start()
+
+
+def test_start_up_problems_are_one_line_without_traceback(tmp_path):
+    from appliance import tool
+    conf = tmp_path / "bad.ini"
+    conf.write_text(f"[getcertd]\nstate_dir = {tmp_path}/s\n[auth]\nusers = {tmp_path}/u\n[ca]\nkey_passphrase_file = /nonexistent\n")
+    p = subprocess.run([tool("twistd"), "-n", "--pidfile", "", "getcertd", "--config", str(conf)],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and "key_passphrase_file" in out and "Traceback" not in out, out
+    conf.write_text("[getcertd]\nstate_dir = /tmp/x\n[nosuch]\n")
+    p = subprocess.run([tool("twistd"), "-n", "--pidfile", "", "getcertd", "--config", str(conf)],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and "unknown section [nosuch]" in out and "Traceback" not in out, out
