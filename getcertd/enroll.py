@@ -148,7 +148,8 @@ class EnrollmentService:
             # A retry gets the same certificate. A request signed by that certificate is a renewal with the same
             # key (so the same transactionID: certmonger's resubmit, pki --cert), and an expired one is no answer.
             if msg.signer_cert != cert and self.now() < cert.not_valid_after_utc:
-                log.info("SCEP retry of transaction {tid}: the certificate already issued", tid=msg.transaction_id)
+                # !r: the transactionID is the client's string (a UTF8String may hold line breaks and escapes)
+                log.info("SCEP retry of transaction {tid!r}: the certificate already issued", tid=msg.transaction_id)
                 return cert, cipher
         pending = self._in_flight.get(msg.transaction_id)
         if pending is not None:  # the same request, retried while the first is still being issued

@@ -8,6 +8,7 @@ import os
 import sys
 
 from OpenSSL import SSL, crypto as _crypto
+from OpenSSL._util import lib as _openssl_lib
 from cryptography.hazmat.primitives import serialization
 from twisted.application import service, strports
 from twisted.internet import defer, ssl
@@ -74,6 +75,9 @@ def _any_client_certificate(connection, certificate, errno, depth, ok):
     return True  # requested, never required: getcertd.est_enroll checks it against the CA and the issuance log
 
 
+ECDHE_GROUPS = b"X25519:P-256:P-384"  # Mozilla "intermediate": no X448, no P-521
+
+
 def tls_options(key, cert, chain, client_ca=None):
     """TLS 1.2+ with ECDHE and AEAD ciphers only; the CA certificate is sent along for fingerprint pinning.
 
@@ -88,8 +92,13 @@ def tls_options(key, cert, chain, client_ca=None):
         acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(
             "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:"
             "ECDHE-RSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256"))
+    # ECDHE only, in TLS 1.3 too: left alone, OpenSSL 3 also agrees finite-field DHE (ffdhe2048...) with a TLS 1.3
+    # client that offers only those groups. pyOpenSSL has no public call for the groups list (Twisted uses the
+    # same binding for its ECDH setup). The context is built once and kept: every connection uses it.
+    context = options.getContext()
+    if _openssl_lib.SSL_CTX_set1_curves_list(context._context, ECDHE_GROUPS) != 1:
+        raise RuntimeError("OpenSSL refused the TLS key exchange groups " + ECDHE_GROUPS.decode())
     if client_ca is not None:
-        context = options.getContext()  # built once and kept: this is the context every connection uses
         context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE, _any_client_certificate)
         context.set_client_ca_list([_crypto.X509.from_cryptography(client_ca).get_subject()])
     return options
