@@ -32,6 +32,7 @@ TYPED = {
     "query": (MalformedRequest, web.HttpError),
     "radius": (radius.BadReply,),
     "config": (ConfigError,),
+    "selftest": (),
 }
 
 # asn1crypto warns about over-long name attributes (the Apple vector's C=USA); that is not a fault.
@@ -163,7 +164,8 @@ def config_seeds():
     }
 
 
-SEEDS = {"scep": scep_seeds, "query": query_seeds, "radius": radius_seeds, "config": config_seeds}
+SEEDS = {"scep": scep_seeds, "query": query_seeds, "radius": radius_seeds, "config": config_seeds,
+         "selftest": lambda: {"fine": b"fine"}}
 
 
 def seeds(name):
@@ -270,4 +272,11 @@ def config_target(data: bytes) -> None:
     _try(TYPED["config"], config.parse_config, data.decode("utf-8", "replace"), "fuzz.ini", _read_file)
 
 
-TARGETS = {"scep": scep_target, "query": query_target, "radius": radius_target, "config": config_target}
+def selftest_target(data: bytes) -> None:
+    """A target with a planted fault, for tests/test_fuzz.py to check that a crash is caught and saved."""
+    if data.startswith(b"CRASH"):
+        raise IndexError("planted fault")
+
+
+TARGETS = {"scep": scep_target, "query": query_target, "radius": radius_target, "config": config_target,
+           "selftest": selftest_target}
