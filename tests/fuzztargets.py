@@ -112,7 +112,48 @@ def scep_seeds():
         request=request, pki_status=scep.PkiStatus.FAILURE, signer_key=ra_key, signer_cert=ra_cert,
         sender_nonce=b"s" * 16, fail_info=2, fail_info_text="no", signing_time=NOW)
     seeds["degenerate"] = scep.degenerate_pkcs7([ra_cert, ec_cert])
+    seeds["pkcsreq-pss"] = _pss_signed(seeds["pkcsreq-aes128"], ra_key)
+    seeds["apple-csr-v2"] = _apple_csr()
     return seeds
+
+
+def _pss_signed(der, key):
+    """The message re-signed with RSASSA-PSS (SHA-256, MGF1-SHA-256, salt 32), which our builder never makes."""
+    from asn1crypto import cms
+    from cryptography.hazmat.primitives.asymmetric import padding
+    info = cms.ContentInfo.load(der)
+    signer = info["content"]["signer_infos"][0]
+    to_sign = signer["signed_attrs"].untag().dump(force=True)
+    signer["signature_algorithm"] = {"algorithm": "rsassa_pss", "parameters": {
+        "hash_algorithm": {"algorithm": "sha256"},
+        "mask_gen_algorithm": {"algorithm": "mgf1", "parameters": {"algorithm": "sha256"}},
+        "salt_length": 32}}
+    signer["signature"] = key.sign(to_sign, padding.PSS(padding.MGF1(hashes.SHA256()), 32), hashes.SHA256())
+    return info.dump(force=True)
+
+
+def _apple_csr():
+    """The Apple device's CSR (version 2: the legacy proof-of-possession path), from the vector's envelope.
+
+    The vector's CA key is "traditional" PEM encrypted with an empty passphrase, which cryptography refuses:
+    key = EVP_BytesToKey(MD5, salt = IV[:8], one iteration), DES-EDE3-CBC.
+    """
+    import base64
+    import re
+    from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+    from cryptography.hazmat.primitives.ciphers import Cipher, modes
+    text = (VECTORS / "apple-pkcsreq" / "ca.key").read_text()
+    iv = bytes.fromhex(re.search(r"DEK-Info: DES-EDE3-CBC,([0-9A-Fa-f]+)", text).group(1))
+    body = base64.b64decode("".join(line for line in text.split("\n\n", 1)[1].splitlines()
+                                    if not line.startswith("-----")))
+    d1 = hashlib.md5(iv[:8]).digest()
+    d2 = hashlib.md5(d1 + iv[:8]).digest()
+    decryptor = Cipher(TripleDES((d1 + d2)[:24]), modes.CBC(iv)).decryptor()
+    der = decryptor.update(body) + decryptor.finalize()
+    key = serialization.load_der_private_key(der[:-der[-1]], None)
+    cert = x509.load_pem_x509_certificate((VECTORS / "apple-pkcsreq" / "ca.crt").read_bytes())
+    message = scep.parse_signed((VECTORS / "apple-pkcsreq" / "PKCSReq.der").read_bytes())
+    return scep.decrypt_envelope(message.content, key, cert)[0]
 
 
 def query_seeds():

@@ -204,10 +204,10 @@ def mutated(draw, samples):
 
 SEEDS = fuzztargets.scep_seeds()
 SIGNED = [SEEDS[k] for k in ("pkcsreq-aes128", "pkcsreq-des3", "pkcsreq-oaep-sha256", "renewalreq-ec-signer",
-                             "certrep-success", "certrep-failure", "getcert", "apple-pkcsreq", "jscep-scep_req2",
-                             "jscep-scep_resp2")]
+                             "pkcsreq-pss", "certrep-success", "certrep-failure", "getcert", "apple-pkcsreq",
+                             "jscep-scep_req2", "jscep-scep_resp2")]
 ENVELOPES = [SEEDS[k] for k in ("envelope-csr-aes256", "envelope-csr-des3-oaep", "jscep-scep_req1")]
-CSRS = [SEEDS[k] for k in ("csr-rsa-challenge", "csr-ec-san", "jscep-scep_req0")]
+CSRS = [SEEDS[k] for k in ("csr-rsa-challenge", "csr-ec-san", "jscep-scep_req0", "apple-csr-v2")]
 CONTENTS = [SEEDS[k] for k in ("issuer-and-serial", "degenerate", "jscep-scep_resp0")]
 
 
