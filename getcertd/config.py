@@ -148,7 +148,7 @@ def _hostport(text):
         host, _, port = text[1:].partition("]:")
     else:
         host, _, port = text.rpartition(":")
-    # [0-9], not isdigit(): that also takes '²', which int() then refuses (found by the property tests)
+    # [0-9], not isdigit(): that also takes "²", which int() then refuses (found writing tests/test_properties.py)
     if not host or not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536:
         raise ConfigError(f"[radius] servers: expected host:port with a port from 1 to 65535, got {text[:80]!r}")
     return host, int(port)
