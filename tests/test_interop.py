@@ -147,7 +147,7 @@ def test_retry_gets_the_same_certificate(app):
         assert reply.pki_status == scep.PkiStatus.SUCCESS
         serials.append(certs[0].serial_number)
     assert serials[0] == serials[1]
-    assert f"SCEP retry of transaction {requester.tid}" in app.log()
+    assert f"SCEP retry of transaction {requester.tid!r}" in app.log()
 
 
 def test_strongswan_pki_wrong_challenge_gets_failure(app, pki, scep_ca, tmp_path):
