@@ -25,7 +25,6 @@ from enum import Enum, IntEnum
 from typing import Callable, Iterable, Optional, Sequence
 
 from asn1crypto import algos, cms, core
-from asn1crypto import crl as asn1_crl
 from asn1crypto import csr as asn1_csr
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
@@ -194,6 +193,133 @@ def _der_tlv(tag: int, contents: bytes) -> bytes:
     return bytes([tag]) + length + contents
 
 
+def _der_int(value: int) -> bytes:
+    """DER INTEGER (two's complement, minimal)."""
+    n = (value + (value < 0)).bit_length() // 8 + 1
+    return _der_tlv(0x02, value.to_bytes(n, "big", signed=True))
+
+
+def _der_oid(dotted: str) -> bytes:
+    """DER OBJECT IDENTIFIER."""
+    arcs = [int(a) for a in dotted.split(".")]
+    out = bytearray()
+    for arc in [arcs[0] * 40 + arcs[1]] + arcs[2:]:
+        chunk = [arc & 0x7F]
+        arc >>= 7
+        while arc:
+            chunk.append(0x80 | (arc & 0x7F))
+            arc >>= 7
+        out += bytes(reversed(chunk))
+    return _der_tlv(0x06, bytes(out))
+
+
+def _der_read(der: bytes, pos: int, limit: Optional[int] = None) -> tuple:
+    """(tag, start of contents, end) of the DER TLV at ``pos``, which must end by ``limit`` (default: the end
+    of ``der``); ValueError unless it is a low-tag-number TLV with a definite, minimally encoded length."""
+    tag = der[pos]
+    if tag & 0x1F == 0x1F:
+        raise ValueError("multi-byte tags are not expected here")
+    first = der[pos + 1]
+    start = pos + 2
+    if first < 0x80:
+        length = first
+    else:
+        count = first & 0x7F
+        if not 0 < count <= 4 or der[start] == 0:
+            raise ValueError("unsupported length encoding")
+        length = int.from_bytes(der[start:start + count], "big")
+        if length < 0x80:
+            raise ValueError("non-minimal length")
+        start += count
+    end = start + length
+    if end > (len(der) if limit is None else limit):
+        raise ValueError("truncated")
+    return tag, start, end
+
+
+def _der_children(der: bytes, start: int, end: int) -> list:
+    """(tag, start of contents, end, start of the TLV) of each TLV from ``start`` exactly to ``end``."""
+    out = []
+    pos = start
+    while pos < end:
+        tag, cstart, cend = _der_read(der, pos, end)
+        out.append((tag, cstart, cend, pos))
+        pos = cend
+    return out
+
+
+_OIDS = {}  # DER OID contents -> dotted string, for the few OIDs messages carry
+
+
+def _der_oid_dotted(contents: bytes) -> str:
+    dotted = _OIDS.get(contents)
+    if dotted is None:
+        if not contents or contents[-1] & 0x80 or contents[0] == 0x80:
+            raise ValueError("bad OID")
+        arcs, value = [], 0
+        for octet in contents:
+            value = (value << 7) | (octet & 0x7F)
+            if not octet & 0x80:
+                arcs.append(value)
+                value = 0
+        first = min(arcs[0] // 40, 2)
+        dotted = ".".join(map(str, [first, arcs[0] - 40 * first] + arcs[1:]))
+        if len(_OIDS) < 1024:
+            _OIDS[contents] = dotted
+    return dotted
+
+
+def _der_unsigned_int(der: bytes, start: int, end: int) -> int:
+    if start == end or (end - start > 1 and (der[start] == 0 and der[start + 1] < 0x80
+                                             or der[start] == 0xFF and der[start + 1] >= 0x80)):
+        raise ValueError("bad INTEGER")
+    return int.from_bytes(der[start:end], "big", signed=True)
+
+
+_NULL = b"\x05\x00"
+_DER_DATA = _der_oid(OID_DATA)
+_DER_SIGNED_DATA = _der_oid(OID_SIGNED_DATA)
+_DER_ENVELOPED_DATA = _der_oid(OID_ENVELOPED_DATA)
+_DER_RSA_PKCS1 = _der_tlv(0x30, _der_oid(OID_RSA_ENCRYPTION) + _NULL)
+_DER_DIGEST_ALGORITHM = {name: _der_tlv(0x30, _der_oid(oid) + _NULL) for oid, name in _DIGEST_OIDS.items()}
+_DER_ECDSA_ALGORITHM = {name: _der_tlv(0x30, _der_oid(oid)) for name, oid in _ECDSA_OID_OF_DIGEST.items()}
+_DER_ATTRIBUTE_TYPE = {oid: _der_oid(oid) for oid in (
+    OID_CONTENT_TYPE, OID_MESSAGE_DIGEST, OID_MESSAGE_TYPE, OID_TRANSACTION_ID, OID_SIGNING_TIME, OID_SENDER_NONCE,
+    OID_RECIPIENT_NONCE, OID_PKI_STATUS, OID_FAIL_INFO, OID_FAIL_INFO_TEXT)}
+
+
+@functools.lru_cache(maxsize=256)
+def _cert_parts(cert: x509.Certificate) -> tuple:
+    """(certificate DER, IssuerAndSerialNumber DER, issuer Name DER) of a certificate, computed once per
+    certificate.
+
+    The issuer is taken as encoded in the certificate, not a re-encoding of the parsed name.
+    """
+    der = cert.public_bytes(serialization.Encoding.DER)
+    tbs = cert.tbs_certificate_bytes
+    try:
+        _, pos, _ = _der_read(tbs, 0)
+        tag, _, end = _der_read(tbs, pos)
+        if tag == 0xA0:  # [0] version
+            tag, _, end = _der_read(tbs, end)
+        if tag != 0x02:
+            raise ValueError("no serialNumber")
+        _, _, end = _der_read(tbs, end)  # signature AlgorithmIdentifier
+        tag, issuer_start, issuer_end = _der_read(tbs, end)
+        if tag != 0x30:
+            raise ValueError("no issuer Name")
+        issuer = tbs[end:issuer_end]
+    except (ValueError, IndexError):  # cryptography parsed it, so this is not expected: let asn1crypto say why
+        issuer = asn1_x509.Certificate.load(der)["tbs_certificate"]["issuer"].dump()
+    return der, _der_tlv(0x30, issuer + _der_int(cert.serial_number)), issuer
+
+
+@functools.lru_cache(maxsize=64)
+def _key_matches_cert(private_key, cert: x509.Certificate) -> bool:
+    fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return private_key.public_key().public_bytes(*fmt) == cert.public_key().public_bytes(*fmt)
+
+
 def _is_absent(value) -> bool:
     return value is None or isinstance(value, core.Void)
 
@@ -206,20 +332,11 @@ def _octets(value) -> bytes:
 
 
 def _cert_der(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.DER)
+    return _cert_parts(cert)[0]
 
 
 def _asn1_cert(cert: x509.Certificate) -> asn1_x509.Certificate:
     return asn1_x509.Certificate.load(_cert_der(cert))
-
-
-def _issuer_and_serial_of(cert: x509.Certificate) -> cms.IssuerAndSerialNumber:
-    # Take the issuer as encoded in the certificate, not a re-encoding of the parsed name.
-    tbs = _asn1_cert(cert)["tbs_certificate"]
-    return cms.IssuerAndSerialNumber({
-        "issuer": asn1_x509.Name.load(tbs["issuer"].dump()),
-        "serial_number": cert.serial_number,
-    })
 
 
 def _subject_key_ids(asn1_cert: asn1_x509.Certificate) -> set:
@@ -295,23 +412,6 @@ def _certificates(signed_data: cms.SignedData) -> list:
         cert = x509.load_der_x509_certificate(asn1_cert.dump())
         out.append((asn1_cert, cert))
     return out
-
-
-class _OrderedCertificateSet(cms.CertificateSet):
-    """A CertificateSet that keeps the caller's order (asn1crypto sorts SET OF by DER).
-
-    Clients read the issued certificate first; CMS is BER here, so order is allowed.
-    """
-
-    def _set_contents(self, force=False):
-        core.SequenceOf._set_contents(self, force)
-
-
-class _OrderedRevocationInfoChoices(cms.RevocationInfoChoices):
-    """RevocationInfoChoices in the caller's order."""
-
-    def _set_contents(self, force=False):
-        core.SequenceOf._set_contents(self, force)
 
 
 class _AnyValues(core.SetOf):
@@ -425,8 +525,125 @@ class _ParsedSigned:
     signing_time: Optional[datetime.datetime]
 
 
+def _signing_time(attrs: dict) -> Optional[datetime.datetime]:
+    """signingTime is informational: one that can't be read is reported as None, not refused."""
+    time_value = _single(attrs, OID_SIGNING_TIME, "signingTime")
+    signing_time = None
+    if isinstance(time_value, (core.UTCTime, core.GeneralizedTime)):
+        try:
+            signing_time = time_value.native
+        except Exception:  # noqa: BLE001 - asn1crypto's ValueError on odd time formats
+            pass
+        if not isinstance(signing_time, datetime.datetime):
+            signing_time = None
+    return signing_time
+
+
+def _fast_signed_structure(der) -> Optional[_ParsedSigned]:
+    """The _ParsedSigned of the common shape of SignedData (plain DER; one signerInfo naming its certificate by
+    issuer and serial number; signed attributes; eContent in one primitive OCTET STRING), read with a small DER
+    walker; None for anything else, which then takes the asn1crypto path (and its errors). It reads exactly
+    what that path reads, from a subset of what it accepts (tests/test_scep_der.py compares the two)."""
+    try:
+        if not isinstance(der, bytes):
+            return None
+        tag, start, end = _der_read(der, 0)
+        info = _der_children(der, start, end)
+        if tag != 0x30 or end != len(der) or len(info) != 2 or info[0][0] != 0x06 or info[1][0] != 0xA0 \
+                or der[info[0][3]:info[0][2]] != _DER_SIGNED_DATA:
+            return None
+        inner = _der_children(der, info[1][1], info[1][2])
+        if len(inner) != 1 or inner[0][0] != 0x30:
+            return None
+        fields = _der_children(der, inner[0][1], inner[0][2])
+        tags = [f[0] for f in fields]
+        if tags[:3] != [0x02, 0x31, 0x30] or tags[-1] != 0x31 or tags[3:-1] not in ([], [0xA0], [0xA0, 0xA1], [0xA1]):
+            return None
+        # encapContentInfo
+        encap = _der_children(der, fields[2][1], fields[2][2])
+        if not 1 <= len(encap) <= 2 or encap[0][0] != 0x06:
+            return None
+        econtent_type = _der_oid_dotted(der[encap[0][1]:encap[0][2]])
+        content = None
+        if len(encap) == 2:
+            if encap[1][0] != 0xA0:
+                return None
+            octets = _der_children(der, encap[1][1], encap[1][2])
+            if len(octets) != 1 or octets[0][0] != 0x04:
+                return None
+            content = der[octets[0][1]:octets[0][2]]
+        # certificates: the plain ones (SEQUENCE); other CertificateChoices are skipped
+        certs = []
+        if tags[3:4] == [0xA0]:
+            for ctag, cstart, cend, cpos in _der_children(der, fields[3][1], fields[3][2]):
+                if ctag == 0x30:
+                    certs.append(x509.load_der_x509_certificate(der[cpos:cend]))
+                elif ctag not in (0xA0, 0xA1, 0xA2, 0xA3):
+                    return None
+        signer_infos = _der_children(der, fields[-1][1], fields[-1][2])
+        if len(signer_infos) != 1 or signer_infos[0][0] != 0x30:
+            return None
+        si = _der_children(der, signer_infos[0][1], signer_infos[0][2])
+        si_tags = [f[0] for f in si]
+        if si_tags[:5] != [0x02, 0x30, 0x30, 0xA0, 0x30] or si_tags[5:] not in ([0x04], [0x04, 0xA1]):
+            return None
+        # sid: IssuerAndSerialNumber, matched against the certificates as the asn1crypto path does
+        sid = _der_children(der, si[1][1], si[1][2])
+        if len(sid) != 2 or sid[0][0] != 0x30 or sid[1][0] != 0x02:
+            return None
+        sid_issuer = der[sid[0][3]:sid[0][2]]
+        sid_serial = _der_unsigned_int(der, sid[1][1], sid[1][2])
+        signer = None
+        for cert in certs:
+            if cert.serial_number != sid_serial:
+                continue
+            if _cert_parts(cert)[2] != sid_issuer:
+                return None  # maybe equal after normalisation: asn1crypto decides
+            signer = cert
+            break
+        if signer is None:
+            return None
+        # digest and signature algorithms
+        digest_alg = _der_children(der, si[2][1], si[2][2])
+        signature_alg = _der_children(der, si[4][1], si[4][2])
+        if not 1 <= len(digest_alg) <= 2 or not 1 <= len(signature_alg) <= 2 or digest_alg[0][0] != 0x06 \
+                or signature_alg[0][0] != 0x06:
+            return None
+        signature_params = None
+        if len(signature_alg) == 2:
+            signature_params = der[signature_alg[1][3]:signature_alg[1][2]]
+        # signed attributes: each value as asn1crypto's universal type, like _read_attributes
+        as_received = b"\x31" + der[si[3][3] + 1:si[3][2]]
+        attrs = {}
+        encoded = []
+        for atag, astart, aend, apos in _der_children(der, si[3][1], si[3][2]):
+            parts = _der_children(der, astart, aend)
+            if atag != 0x30 or len(parts) != 2 or parts[0][0] != 0x06 or parts[1][0] != 0x31:
+                return None
+            oid = _der_oid_dotted(der[parts[0][1]:parts[0][2]])
+            if oid in attrs:
+                return None
+            attrs[oid] = [core.Asn1Value.load(der[vpos:vend], strict=True)
+                          for _, _, vend, vpos in _der_children(der, parts[1][1], parts[1][2])]
+            encoded.append(der[apos:aend])
+        as_sorted = b"\x31" + as_received[1:len(as_received) - sum(map(len, encoded))] + b"".join(sorted(encoded))
+        signing_time = _signing_time(attrs)
+        return _ParsedSigned(
+            signer_cert=signer, signer_certs=tuple(certs),
+            digest_oid=_der_oid_dotted(der[digest_alg[0][1]:digest_alg[0][2]]),
+            signature_oid=_der_oid_dotted(der[signature_alg[0][1]:signature_alg[0][2]]),
+            signature_params=signature_params, signature=der[si[5][1]:si[5][2]],
+            signed_attrs_candidates=(as_received,) if as_sorted == as_received else (as_received, as_sorted),
+            attrs=attrs, econtent_type=econtent_type, content=content, signing_time=signing_time)
+    except (ValueError, IndexError, TypeError, MalformedRequest):
+        return None
+
+
 @_guard("SignedData")
 def _parse_signed_structure(der: bytes) -> _ParsedSigned:
+    fast = _fast_signed_structure(der)
+    if fast is not None:
+        return fast
     signed_data = _load_content_info(der, OID_SIGNED_DATA, "SignedData")
     signer_infos = signed_data["signer_infos"]
     if len(signer_infos) != 1:
@@ -452,17 +669,7 @@ def _parse_signed_structure(der: bytes) -> _ParsedSigned:
     as_sorted = _der_tlv(0x31, b"".join(sorted(attr.dump() for attr in raw)))
     attrs = _read_attributes(as_received, "signed attributes")
 
-    # signingTime is informational: one that can't be read is reported as None, not refused.
-    time_value = _single(attrs, OID_SIGNING_TIME, "signingTime")
-    signing_time = None
-    if isinstance(time_value, (core.UTCTime, core.GeneralizedTime)):
-        try:
-            signing_time = time_value.native
-        except Exception:  # noqa: BLE001 - asn1crypto's ValueError on odd time formats
-            pass
-        if not isinstance(signing_time, datetime.datetime):
-            signing_time = None
-
+    signing_time = _signing_time(attrs)
     signature_params = signer_info["signature_algorithm"]["parameters"]
     return _ParsedSigned(
         signer_cert=matches[0],
@@ -589,6 +796,9 @@ def _verify_signed(parsed: _ParsedSigned, message: Optional[SignedMessage]) -> N
     raise _failure(FailInfo.badMessageCheck, "the signature does not verify", message)
 
 
+_verify_signed_guarded = _guard("SignedData verification")(_verify_signed)
+
+
 def parse_signed(der: bytes) -> SignedMessage:
     """Parse and verify a pkiMessage (ContentInfo with SignedData).
 
@@ -604,7 +814,7 @@ def parse_signed(der: bytes) -> SignedMessage:
     """
     parsed = _parse_signed_structure(der)
     message = _scep_message(parsed)
-    _guard("SignedData verification")(_verify_signed)(parsed, message)
+    _verify_signed_guarded(parsed, message)
     return message
 
 
@@ -615,7 +825,7 @@ def verify_signed_data(der: bytes) -> VerifiedSignedData:
     (e.g. for content signed by ``openssl cms -sign``).
     """
     parsed = _parse_signed_structure(der)
-    _guard("SignedData verification")(_verify_signed)(parsed, None)
+    _verify_signed_guarded(parsed, None)
     return VerifiedSignedData(
         signer_cert=parsed.signer_cert, signer_certs=parsed.signer_certs,
         digest=_DIGEST_OIDS[parsed.digest_oid], content=parsed.content,
@@ -630,19 +840,24 @@ def _utc(moment: datetime.datetime) -> datetime.datetime:
     return moment.astimezone(datetime.timezone.utc)
 
 
-def _string_value(text: str):
-    """PrintableString when the text allows it (as RFC 8894 says), else UTF8String."""
-    return core.PrintableString(text) if _PRINTABLE.match(text) else core.UTF8String(text)
+def _string_value(text: str) -> bytes:
+    """DER PrintableString when the text allows it (as RFC 8894 says), else UTF8String."""
+    if _PRINTABLE.match(text):
+        return _der_tlv(0x13, text.encode("ascii"))
+    return _der_tlv(0x0C, text.encode("utf-8"))
 
 
-def _attribute(oid: str, value) -> cms.CMSAttribute:
-    return cms.CMSAttribute({"type": oid, "values": [value]})
+def _attribute(oid: str, value: bytes) -> bytes:
+    """DER Attribute with one (DER) value."""
+    return _der_tlv(0x30, _DER_ATTRIBUTE_TYPE[oid] + _der_tlv(0x31, value))
 
 
 def _same_public_key(private_key, cert: x509.Certificate) -> bool:
-    fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return private_key.public_key().public_bytes(*fmt) == cert.public_key().public_bytes(*fmt)
+    return _key_matches_cert(private_key, cert)
 
+
+# The builders write DER directly (asn1crypto's object model costs milliseconds per message, and the server
+# builds one CertRep per enrollment); tests/test_scep_codec.py checks them byte for byte against asn1crypto.
 
 def build_signed(*, message_type: int, transaction_id: str, sender_nonce: Optional[bytes],
                  signer_key, signer_cert: x509.Certificate, digest: str = "sha256",
@@ -666,60 +881,51 @@ def build_signed(*, message_type: int, transaction_id: str, sender_nonce: Option
         raise ValueError("message_type and fail_info are non-negative numbers")
 
     attributes = [
-        _attribute(OID_CONTENT_TYPE, cms.ContentType(OID_DATA)),
-        _attribute(OID_MESSAGE_DIGEST, core.OctetString(hashlib.new(digest, content or b"").digest())),
-        _attribute(OID_MESSAGE_TYPE, core.PrintableString(str(int(message_type)))),
+        _attribute(OID_CONTENT_TYPE, _DER_DATA),
+        _attribute(OID_MESSAGE_DIGEST, _der_tlv(0x04, hashlib.new(digest, content or b"").digest())),
+        _attribute(OID_MESSAGE_TYPE, _der_tlv(0x13, str(int(message_type)).encode("ascii"))),
         _attribute(OID_TRANSACTION_ID, _string_value(transaction_id)),
     ]
     if signing_time is not None:
         moment = _utc(signing_time)
         time = cms.Time({"utc_time": moment}) if 1950 <= moment.year < 2050 \
             else cms.Time({"generalized_time": moment})
-        attributes.append(_attribute(OID_SIGNING_TIME, time))
+        attributes.append(_attribute(OID_SIGNING_TIME, time.dump()))
     if sender_nonce is not None:
-        attributes.append(_attribute(OID_SENDER_NONCE, core.OctetString(bytes(sender_nonce))))
+        attributes.append(_attribute(OID_SENDER_NONCE, _der_tlv(0x04, bytes(sender_nonce))))
     if recipient_nonce is not None:
-        attributes.append(_attribute(OID_RECIPIENT_NONCE, core.OctetString(bytes(recipient_nonce))))
+        attributes.append(_attribute(OID_RECIPIENT_NONCE, _der_tlv(0x04, bytes(recipient_nonce))))
     if pki_status is not None:
-        attributes.append(_attribute(OID_PKI_STATUS, core.PrintableString(PkiStatus(pki_status).value)))
+        attributes.append(_attribute(OID_PKI_STATUS, _der_tlv(0x13, PkiStatus(pki_status).value.encode("ascii"))))
     if fail_info is not None:
-        attributes.append(_attribute(OID_FAIL_INFO, core.PrintableString(str(int(fail_info)))))
+        attributes.append(_attribute(OID_FAIL_INFO, _der_tlv(0x13, str(int(fail_info)).encode("ascii"))))
     if fail_info_text is not None:
-        attributes.append(_attribute(OID_FAIL_INFO_TEXT, core.UTF8String(fail_info_text)))
-    signed_attrs = cms.CMSAttributes(attributes)
-    to_sign = signed_attrs.dump(force=True)  # asn1crypto sorts SET OF: this is the DER SET
+        attributes.append(_attribute(OID_FAIL_INFO_TEXT, _der_tlv(0x0C, fail_info_text.encode("utf-8"))))
+    attributes.sort()  # DER SET OF order
+    attributes = b"".join(attributes)
+    to_sign = _der_tlv(0x31, attributes)  # the signature covers the attributes as a SET OF
 
     hash_algorithm = _hash(digest)
     if isinstance(signer_key, rsa.RSAPrivateKey):
         signature = signer_key.sign(to_sign, padding.PKCS1v15(), hash_algorithm)
-        signature_algorithm = {"algorithm": OID_RSA_ENCRYPTION, "parameters": core.Null()}
+        signature_algorithm = _DER_RSA_PKCS1
     elif isinstance(signer_key, ec.EllipticCurvePrivateKey):
         signature = signer_key.sign(to_sign, ec.ECDSA(hash_algorithm))
-        signature_algorithm = {"algorithm": _ECDSA_OID_OF_DIGEST[digest]}
+        signature_algorithm = _DER_ECDSA_ALGORITHM[digest]
     else:
         raise ValueError(f"unsupported signer key type {type(signer_key).__name__}")
 
-    digest_algorithm = {"algorithm": _OID_OF_DIGEST[digest], "parameters": core.Null()}
-    signer_info = cms.SignerInfo({
-        "version": "v1",
-        "sid": cms.SignerIdentifier({"issuer_and_serial_number": _issuer_and_serial_of(signer_cert)}),
-        "digest_algorithm": digest_algorithm,
-        "signed_attrs": signed_attrs,
-        "signature_algorithm": signature_algorithm,
-        "signature": signature,
-    })
-    encap = {"content_type": "data"}
+    digest_algorithm = _DER_DIGEST_ALGORITHM[digest]
+    signer_der, signer_id, _ = _cert_parts(signer_cert)
+    signer_info = _der_tlv(0x30, b"\x02\x01\x01" + signer_id + digest_algorithm + _der_tlv(0xA0, attributes)
+                           + signature_algorithm + _der_tlv(0x04, signature))
+    encap = _DER_DATA
     if content is not None:
-        encap["content"] = bytes(content)
-    certificates = [signer_cert, *extra_certs]
-    signed_data = cms.SignedData({
-        "version": "v1",
-        "digest_algorithms": [digest_algorithm],
-        "encap_content_info": encap,
-        "certificates": _OrderedCertificateSet([_asn1_cert(cert) for cert in certificates]),
-        "signer_infos": [signer_info],
-    })
-    return cms.ContentInfo({"content_type": "signed_data", "content": signed_data}).dump()
+        encap += _der_tlv(0xA0, _der_tlv(0x04, bytes(content)))
+    certificates = signer_der + b"".join(_cert_parts(cert)[0] for cert in extra_certs)
+    signed_data = _der_tlv(0x30, b"\x02\x01\x01" + _der_tlv(0x31, digest_algorithm) + _der_tlv(0x30, encap)
+                           + _der_tlv(0xA0, certificates) + _der_tlv(0x31, signer_info))
+    return _der_tlv(0x30, _DER_SIGNED_DATA + _der_tlv(0xA0, signed_data))
 
 
 # --- EnvelopedData ---------------------------------------------------------------------
@@ -750,6 +956,60 @@ def _key_transport_padding(algorithm) -> padding.AsymmetricPadding:
     mgf_hash = _digest_name(mgf["parameters"]["algorithm"].dotted, "MGF1")
     label = params["p_source_algorithm"]["parameters"].native or None
     return padding.OAEP(mgf=padding.MGF1(_hash(mgf_hash)), algorithm=_hash(oaep_hash), label=label)
+
+
+_PKCS1V15 = padding.PKCS1v15()
+_DER_RSA_ENCRYPTION = _der_oid(OID_RSA_ENCRYPTION)
+
+
+def _fast_envelope_structure(der, allow_des: bool, recipient_cert: x509.Certificate):
+    """What _parse_envelope_structure returns, for the common shape of EnvelopedData (plain DER; only key
+    transport recipientInfos with RSA PKCS#1 v1.5, all naming ``recipient_cert`` by issuer and serial number; a
+    supported cipher with its IV; the ciphertext in one primitive [0]), the recipients as (None, padding,
+    encrypted key) since all of them are named; None for anything else, which takes the asn1crypto path."""
+    try:
+        if not isinstance(der, bytes):
+            return None
+        tag, start, end = _der_read(der, 0)
+        info = _der_children(der, start, end)
+        if tag != 0x30 or end != len(der) or len(info) != 2 or info[0][0] != 0x06 or info[1][0] != 0xA0 \
+                or der[info[0][3]:info[0][2]] != _DER_ENVELOPED_DATA:
+            return None
+        inner = _der_children(der, info[1][1], info[1][2])
+        if len(inner) != 1 or inner[0][0] != 0x30:
+            return None
+        fields = _der_children(der, inner[0][1], inner[0][2])
+        if [f[0] for f in fields[:3]] != [0x02, 0x31, 0x30] or [f[0] for f in fields[3:]] not in ([], [0xA1]):
+            return None
+        eci = _der_children(der, fields[2][1], fields[2][2])
+        if len(eci) != 3 or eci[0][0] != 0x06 or eci[1][0] != 0x30 or eci[2][0] != 0x80:
+            return None
+        algorithm = _der_children(der, eci[1][1], eci[1][2])
+        if len(algorithm) != 2 or algorithm[0][0] != 0x06 or algorithm[1][0] != 0x04:
+            return None
+        cipher = _CIPHER_OF_OID.get(_der_oid_dotted(der[algorithm[0][1]:algorithm[0][2]]))
+        if cipher is None or (cipher == "des" and not allow_des):
+            return None
+        _, key_length, block = _CIPHER_TABLE[cipher]
+        iv = der[algorithm[1][1]:algorithm[1][2]]
+        if len(iv) != block:
+            return None
+        ias = _cert_parts(recipient_cert)[1]
+        recipients = []
+        for rtag, rstart, rend, _ in _der_children(der, fields[1][1], fields[1][2]):
+            ktri = _der_children(der, rstart, rend)
+            if rtag != 0x30 or [k[0] for k in ktri] != [0x02, 0x30, 0x30, 0x04] \
+                    or der[ktri[1][3]:ktri[1][2]] != ias:
+                return None
+            algorithm = _der_children(der, ktri[2][1], ktri[2][2])
+            if not 1 <= len(algorithm) <= 2 or der[algorithm[0][3]:algorithm[0][2]] != _DER_RSA_ENCRYPTION:
+                return None
+            recipients.append((None, _PKCS1V15, der[ktri[3][1]:ktri[3][2]]))
+        if not recipients:
+            return None
+        return cipher, key_length, block, iv, der[eci[2][1]:eci[2][2]], recipients
+    except (ValueError, IndexError, TypeError):
+        return None
 
 
 @_guard("EnvelopedData")
@@ -789,6 +1049,9 @@ def _parse_envelope_structure(der: bytes, allow_des: bool):
     return cipher, key_length, block, iv.native, _octets(encrypted), recipients
 
 
+_rid_matches_guarded = _guard("recipientInfo")(_rid_matches)
+
+
 def _decrypt_content(cipher: str, key: bytes, iv: bytes, ciphertext: bytes, block: int) -> Optional[bytes]:
     if not ciphertext or len(ciphertext) % block:
         return None
@@ -815,12 +1078,17 @@ def decrypt_envelope(der: bytes, recipient_key, recipient_cert: x509.Certificate
     padding and bad content padding all end in the same ScepFailure(badMessageCheck).
     Unsupported algorithms -> ScepFailure(badAlg); unreadable structure -> MalformedRequest.
     """
-    cipher, key_length, block, iv, ciphertext, recipients = _parse_envelope_structure(der, allow_des)
+    fast = _fast_envelope_structure(der, allow_des, recipient_cert)
+    if fast is not None:
+        cipher, key_length, block, iv, ciphertext, named = fast
+    else:
+        cipher, key_length, block, iv, ciphertext, recipients = _parse_envelope_structure(der, allow_des)
     if not isinstance(recipient_key, rsa.RSAPrivateKey):
         raise ScepFailure(FailInfo.badAlg, "the recipient key is not an RSA key")
-    asn1_cert = _asn1_cert(recipient_cert)
-    named = [r for r in recipients if _guard("recipientInfo")(_rid_matches)(r[0], asn1_cert)]
-    for _, pad, encrypted_key in named or recipients:
+    if fast is None:
+        asn1_cert = _asn1_cert(recipient_cert)
+        named = [r for r in recipients if _rid_matches_guarded(r[0], asn1_cert)] or recipients
+    for _, pad, encrypted_key in named:
         try:
             key = recipient_key.decrypt(encrypted_key, pad)
         except ValueError:
@@ -859,32 +1127,28 @@ def build_envelope(plaintext: bytes, recipient_cert: x509.Certificate, cipher: s
 
     if oaep:
         pad = padding.OAEP(mgf=padding.MGF1(_hash(oaep_hash)), algorithm=_hash(oaep_hash), label=None)
-        if oaep_hash == "sha1":
-            # All defaults: an empty SEQUENCE (asn1crypto won't build one from {}).
-            params = algos.RSAESOAEPParams.load(b"\x30\x00")
-        else:
-            params = {"hash_algorithm": {"algorithm": oaep_hash},
-                      "mask_gen_algorithm": {"algorithm": "mgf1", "parameters": {"algorithm": oaep_hash}}}
-        key_encryption = {"algorithm": "rsaes_oaep", "parameters": params}
+        key_encryption = _oaep_algorithm(oaep_hash)
     else:
         pad = padding.PKCS1v15()
-        key_encryption = {"algorithm": "rsaes_pkcs1v15", "parameters": core.Null()}
-    ktri = cms.KeyTransRecipientInfo({
-        "version": "v0",
-        "rid": cms.RecipientIdentifier({"issuer_and_serial_number": _issuer_and_serial_of(recipient_cert)}),
-        "key_encryption_algorithm": key_encryption,
-        "encrypted_key": public_key.encrypt(key, pad),
-    })
-    enveloped = cms.EnvelopedData({
-        "version": "v0",
-        "recipient_infos": [cms.RecipientInfo({"ktri": ktri})],
-        "encrypted_content_info": {
-            "content_type": "data",
-            "content_encryption_algorithm": {"algorithm": oid, "parameters": core.OctetString(iv)},
-            "encrypted_content": ciphertext,
-        },
-    })
-    return cms.ContentInfo({"content_type": "enveloped_data", "content": enveloped}).dump()
+        key_encryption = _DER_RSA_PKCS1
+    ktri = _der_tlv(0x30, b"\x02\x01\x00" + _cert_parts(recipient_cert)[1] + key_encryption
+                    + _der_tlv(0x04, public_key.encrypt(key, pad)))
+    encrypted_content_info = _der_tlv(0x30, _DER_DATA + _der_tlv(0x30, _der_oid(oid) + _der_tlv(0x04, iv))
+                                      + _der_tlv(0x80, ciphertext))
+    enveloped = _der_tlv(0x30, b"\x02\x01\x00" + _der_tlv(0x31, ktri) + encrypted_content_info)
+    return _der_tlv(0x30, _DER_ENVELOPED_DATA + _der_tlv(0xA0, enveloped))
+
+
+@functools.lru_cache(maxsize=None)
+def _oaep_algorithm(oaep_hash: str) -> bytes:
+    """DER AlgorithmIdentifier of RSAES-OAEP with oaep_hash (and MGF1 with it)."""
+    if oaep_hash == "sha1":
+        # All defaults: an empty SEQUENCE (asn1crypto won't build one from {}).
+        params = algos.RSAESOAEPParams.load(b"\x30\x00")
+    else:
+        params = {"hash_algorithm": {"algorithm": oaep_hash},
+                  "mask_gen_algorithm": {"algorithm": "mgf1", "parameters": {"algorithm": oaep_hash}}}
+    return cms.KeyEncryptionAlgorithm({"algorithm": "rsaes_oaep", "parameters": params}).dump()
 
 
 # --- degenerate PKCS#7 (certs-only) ----------------------------------------------------
@@ -892,20 +1156,13 @@ def build_envelope(plaintext: bytes, recipient_cert: x509.Certificate, cipher: s
 def degenerate_pkcs7(certs: Sequence[x509.Certificate],
                      crls: Sequence[x509.CertificateRevocationList] = ()) -> bytes:
     """A certs-only SignedData (no signers, no content), certificates in the given order."""
-    signed_data = {
-        "version": "v1",
-        "digest_algorithms": [],
-        "encap_content_info": {"content_type": "data"},
-        "signer_infos": [],
-    }
+    body = b"\x02\x01\x01\x31\x00" + _der_tlv(0x30, _DER_DATA)
     if certs:
-        signed_data["certificates"] = _OrderedCertificateSet([_asn1_cert(cert) for cert in certs])
+        body += _der_tlv(0xA0, b"".join(_cert_der(cert) for cert in certs))
     if crls:
-        signed_data["crls"] = _OrderedRevocationInfoChoices([
-            cms.RevocationInfoChoice({"crl": asn1_crl.CertificateList.load(
-                crl.public_bytes(serialization.Encoding.DER))})
-            for crl in crls])
-    return cms.ContentInfo({"content_type": "signed_data", "content": cms.SignedData(signed_data)}).dump()
+        body += _der_tlv(0xA1, b"".join(crl.public_bytes(serialization.Encoding.DER) for crl in crls))
+    body += b"\x31\x00"
+    return _der_tlv(0x30, _DER_SIGNED_DATA + _der_tlv(0xA0, _der_tlv(0x30, body)))
 
 
 @_guard("degenerate PKCS#7")
@@ -960,6 +1217,21 @@ def build_issuer_and_subject(issuer: x509.Name, subject: x509.Name) -> bytes:
     }).dump()
 
 
+def _csr_shape(der: bytes) -> Optional[bool]:
+    """For a v1 (version 0) CertificationRequest in plain DER: whether its attributes are empty; else None."""
+    try:
+        tag, start, end = _der_read(der, 0)
+        request = _der_children(der, start, end)
+        if tag != 0x30 or end != len(der) or [r[0] for r in request] != [0x30, 0x30, 0x03]:
+            return None
+        info = _der_children(der, request[0][1], request[0][2])
+        if [i[0] for i in info] != [0x02, 0x30, 0x30, 0xA0] or der[info[0][3]:info[0][2]] != b"\x02\x01\x00":
+            return None
+        return info[3][1] == info[3][2]
+    except (ValueError, IndexError):
+        return None
+
+
 @_guard("CSR")
 def _load_csr(der: bytes) -> tuple:
     """(csr, legacy) where legacy is None, or what is needed to check a non-v1 CSR's POP.
@@ -970,6 +1242,16 @@ def _load_csr(der: bytes) -> tuple:
     CertificationRequestInfo: legacy = (info DER, signature algorithm, signature).
     """
     der = bytes(der)
+    if _csr_shape(der) is not None:  # the common case, v1, is read by cryptography alone (and attributes)
+        try:
+            csr = x509.load_der_x509_csr(der)
+            csr.subject.rdns  # noqa: B018 - force what the policy will read
+            csr.extensions  # noqa: B018
+            csr.signature_algorithm_oid  # noqa: B018
+            challenge_password(csr)
+            return csr, None
+        except Exception:  # noqa: BLE001 - the path below gives the error it always gave
+            pass
     request = asn1_csr.CertificationRequest.load(der, strict=True)
     info = request["certification_request_info"]
     version = info["version"].native
@@ -1038,7 +1320,10 @@ def parse_csr(der: bytes) -> x509.CertificateSigningRequest:
 @_guard("CSR challengePassword")
 def challenge_password(csr: x509.CertificateSigningRequest) -> Optional[str]:
     """The PKCS#9 challengePassword of a CSR (any directory string type), or None."""
-    request = asn1_csr.CertificationRequest.load(csr.public_bytes(serialization.Encoding.DER))
+    der = csr.public_bytes(serialization.Encoding.DER)
+    if _csr_shape(der):  # no attributes at all
+        return None
+    request = asn1_csr.CertificationRequest.load(der)
     attributes = request["certification_request_info"]["attributes"]
     if _is_absent(attributes):
         return None
