@@ -193,6 +193,60 @@ def _der_tlv(tag: int, contents: bytes) -> bytes:
     return bytes([tag]) + length + contents
 
 
+MAX_VALUES = 10000  # ASN.1 values in one layer of a message; real ones (certificates included) have a few hundred
+
+
+def _check_value_count(der, what: str, most: int = MAX_VALUES) -> None:
+    """MalformedRequest if ``der`` holds more than ``most`` ASN.1 values, counted through constructed ones.
+
+    asn1crypto makes a Python object of some hundreds of bytes for each value it reads, and the parsers read
+    every attribute, attribute value, certificate, signerInfo and recipientInfo: a 2 MiB body of two-byte
+    values cost hundreds of MiB and tens of seconds on the reactor thread (tests/test_memory.py). This counts
+    first, allocating nothing per value (BER too: indefinite lengths are followed); encodings it can't
+    follow are left to the parsers to report.
+    """
+    if not isinstance(der, (bytes, bytearray, memoryview)):
+        return
+    n, pos, count, ends = len(der), 0, 0, []  # ends: where each open constructed value ends (None: indefinite)
+    try:
+        while pos < n:
+            while ends and ends[-1] is not None and pos >= ends[-1]:
+                ends.pop()
+            tag = der[pos]
+            if tag == 0 and der[pos + 1] == 0 and ends and ends[-1] is None:  # end-of-contents
+                ends.pop()
+                pos += 2
+                continue
+            pos += 1
+            if tag & 0x1F == 0x1F:
+                while der[pos] & 0x80:
+                    pos += 1
+                pos += 1
+            first = der[pos]
+            pos += 1
+            count += 1
+            if count > most:
+                raise MalformedRequest(f"{what}: more than {most} ASN.1 values")
+            if first == 0x80:
+                if not tag & 0x20:
+                    return
+                ends.append(None)
+                continue
+            if first > 0x80:
+                if first > 0x88:
+                    return
+                length = int.from_bytes(der[pos:pos + (first & 0x7F)], "big")
+                pos += first & 0x7F
+            else:
+                length = first
+            if tag & 0x20:
+                ends.append(pos + length)
+            else:
+                pos += length
+    except IndexError:
+        return
+
+
 def _der_int(value: int) -> bytes:
     """DER INTEGER (two's complement, minimal)."""
     n = (value + (value < 0)).bit_length() // 8 + 1
@@ -237,11 +291,15 @@ def _der_read(der: bytes, pos: int, limit: Optional[int] = None) -> tuple:
     return tag, start, end
 
 
-def _der_children(der: bytes, start: int, end: int) -> list:
-    """(tag, start of contents, end, start of the TLV) of each TLV from ``start`` exactly to ``end``."""
+def _der_children(der: bytes, start: int, end: int, most: int = 256) -> list:
+    """(tag, start of contents, end, start of the TLV) of each TLV from ``start`` exactly to ``end``; ValueError
+    past ``most`` of them (the fast paths then give way to asn1crypto: a primitive's 2 MiB of zeros would
+    otherwise be split into a million tuples, 150 MiB)."""
     out = []
     pos = start
     while pos < end:
+        if len(out) == most:
+            raise ValueError("too many elements for the fast path")
         tag, cstart, cend = _der_read(der, pos, end)
         out.append((tag, cstart, cend, pos))
         pos = cend
@@ -641,6 +699,7 @@ def _fast_signed_structure(der) -> Optional[_ParsedSigned]:
 
 @_guard("SignedData")
 def _parse_signed_structure(der: bytes) -> _ParsedSigned:
+    _check_value_count(der, "SignedData")
     fast = _fast_signed_structure(der)
     if fast is not None:
         return fast
@@ -1078,6 +1137,7 @@ def decrypt_envelope(der: bytes, recipient_key, recipient_cert: x509.Certificate
     padding and bad content padding all end in the same ScepFailure(badMessageCheck).
     Unsupported algorithms -> ScepFailure(badAlg); unreadable structure -> MalformedRequest.
     """
+    _check_value_count(der, "EnvelopedData")
     fast = _fast_envelope_structure(der, allow_des, recipient_cert)
     if fast is not None:
         cipher, key_length, block, iv, ciphertext, named = fast
@@ -1190,6 +1250,7 @@ def parse_degenerate(der: bytes) -> tuple[list[x509.Certificate], list[x509.Cert
 @_guard("IssuerAndSerialNumber")
 def parse_issuer_and_serial(der: bytes) -> tuple[x509.Name, int]:
     """(issuer Name, serial int) from a GetCert / GetCRL content. Raises only MalformedRequest."""
+    _check_value_count(der, "IssuerAndSerialNumber")
     value = cms.IssuerAndSerialNumber.load(bytes(der), strict=True)
     return _name_from_der(value["issuer"].dump()), value["serial_number"].native
 
@@ -1205,6 +1266,7 @@ def build_issuer_and_serial(issuer: x509.Name, serial: int) -> bytes:
 @_guard("IssuerAndSubject")
 def parse_issuer_and_subject(der: bytes) -> tuple[x509.Name, x509.Name]:
     """(issuer Name, subject Name) from a CertPoll content. Raises only MalformedRequest."""
+    _check_value_count(der, "IssuerAndSubject")
     value = _IssuerAndSubject.load(bytes(der), strict=True)
     return _name_from_der(value["issuer"].dump()), _name_from_der(value["subject"].dump())
 
@@ -1242,6 +1304,7 @@ def _load_csr(der: bytes) -> tuple:
     CertificationRequestInfo: legacy = (info DER, signature algorithm, signature).
     """
     der = bytes(der)
+    _check_value_count(der, "CSR")
     if _csr_shape(der) is not None:  # the common case, v1, is read by cryptography alone (and attributes)
         try:
             csr = x509.load_der_x509_csr(der)

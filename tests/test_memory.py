@@ -11,6 +11,8 @@ import pytest
 
 import fuzztargets
 import scepclient
+from getcertd import scep
+from getcertd.errors import MalformedRequest
 
 MIB = 1024 * 1024
 
@@ -57,6 +59,57 @@ HOSTILE = {
     "set-of-200k": b"\x31" + _length(400000) + b"\x05\x00" * 200000,
     "octets-2MiB": b"\x04" + _length(2 * MIB) + bytes(2 * MIB),
 }
+
+
+def _wide(seed_name, edit):
+    """A valid seed with one SET OF blown up to hundreds of thousands of tiny elements (tests/test_properties.py's
+    DER tree editor): each element costs asn1crypto a Python object, so before getcertd.scep counted values
+    first these took 50 to 360 MiB and 5 to 86 s of CPU (on the reactor thread, before any authentication)."""
+    from test_properties import parse_tree, encode
+    tree = parse_tree(fuzztargets.scep_seeds()[seed_name])
+    edit(tree)
+    return encode(tree)
+
+
+def _signer_info(tree):
+    return tree.children[1].children[0].children[-1].children[0]
+
+
+def _set_field(node, index, tag, contents):
+    from test_properties import Node
+    node.children[index] = Node(tag, None, contents)
+
+
+def _attribute(oid, values):
+    from test_properties import _oid, _tlv
+    return _tlv(0x30, _oid(oid) + b"\x31" + _length(len(values)) + values)
+
+
+WIDE = {
+    "signed-attribute-400k-values": ("pkcsreq-aes128", lambda t: _set_field(
+        _signer_info(t), 3, b"\xa0", _attribute("2.16.840.113733.1.9.7", b"\x05\x00" * 400000))),
+    "signed-attributes-120k": ("pkcsreq-aes128", lambda t: _set_field(
+        _signer_info(t), 3, b"\xa0", _attribute("1.2.3", b"\x05\x00") * 120000)),
+    "signerinfos-700k": ("pkcsreq-aes128", lambda t: _set_field(
+        t.children[1].children[0], -1, b"\x31", b"\x30\x00" * 700000)),
+    "recipientinfos-700k": ("envelope-csr-aes256", lambda t: _set_field(
+        t.children[1].children[0], 1, b"\x31", b"\x30\x00" * 700000)),
+    "csr-attribute-400k-values": ("csr-rsa-challenge", lambda t: _set_field(
+        t.children[0], 3, b"\xa0", _attribute("1.2.840.113549.1.9.7", b"\x05\x00" * 400000))),
+}
+HOSTILE.update({name: _wide(*spec) for name, spec in WIDE.items()})
+
+
+@pytest.mark.parametrize("name", sorted(WIDE))
+def test_wide_messages_are_refused_quickly(name):
+    data = HOSTILE[name]
+    ra_key, ra_cert = fuzztargets.ra()
+    parse = {"recipientinfos-700k": lambda d: scep.decrypt_envelope(d, ra_key, ra_cert),
+             "csr-attribute-400k-values": scep.parse_csr}.get(name, scep.parse_signed)
+    t0 = time.monotonic()
+    with pytest.raises(MalformedRequest, match="more than 10000 ASN.1 values"):
+        parse(data)
+    assert time.monotonic() - t0 < 0.5
 
 
 @pytest.mark.parametrize("name", sorted(HOSTILE))
