@@ -88,7 +88,9 @@ class EnrollmentService:
             return await self._refuse(failure.request, failure, client)
         try:
             if msg.message_type in (scep.MessageType.PKCSReq, scep.MessageType.RenewalReq):
-                cert, cipher = await self._enroll(msg, credentials, client, secure)
+                cert, cipher, reply = await self._enroll(msg, credentials, client, secure)
+                if reply is not None:  # built right after signing
+                    return reply
             elif msg.message_type == scep.MessageType.CertPoll:
                 cert, cipher = await self._poll(msg)
             elif msg.message_type == scep.MessageType.GetCert:
@@ -114,16 +116,18 @@ class EnrollmentService:
 
     def _reply(self, msg, status, content=None, cipher="aes256", fail_info=None, fail_info_text=None):
         """Build and sign the CertRep off the reactor thread."""
-        def build():
-            envelope = None
-            if content is not None:
-                envelope = scep.build_envelope(content, msg.signer_cert, cipher=cipher)
-            return scep.build_signed(
-                message_type=scep.MessageType.CertRep, transaction_id=msg.transaction_id,
-                sender_nonce=scep.new_nonce(), recipient_nonce=msg.sender_nonce, signer_key=self.signer_key,
-                signer_cert=self.signer_cert, digest=msg.digest, content=envelope, pki_status=status,
-                fail_info=fail_info, fail_info_text=fail_info_text)
-        return self.run_crypto(build)
+        return self.run_crypto(self._cert_rep, msg, status, content, cipher, fail_info, fail_info_text)
+
+    def _cert_rep(self, msg, status, content=None, cipher="aes256", fail_info=None, fail_info_text=None) -> bytes:
+        """The CertRep (blocking: an RSA signature, and an RSA encryption with content)."""
+        envelope = None
+        if content is not None:
+            envelope = scep.build_envelope(content, msg.signer_cert, cipher=cipher)
+        return scep.build_signed(
+            message_type=scep.MessageType.CertRep, transaction_id=msg.transaction_id,
+            sender_nonce=scep.new_nonce(), recipient_nonce=msg.sender_nonce, signer_key=self.signer_key,
+            signer_cert=self.signer_cert, digest=msg.digest, content=envelope, pki_status=status,
+            fail_info=fail_info, fail_info_text=fail_info_text)
 
     def _decrypt(self, msg):
         if msg.content is None:
@@ -131,14 +135,26 @@ class EnrollmentService:
         return self.run_crypto(scep.decrypt_envelope, msg.content, self.signer_key, self.signer_cert,
                                self.allow_legacy_des)
 
+    def _open_request(self, msg):
+        """Decrypt a PKCSReq or RenewalReq and read its CSR, in one job off the reactor thread:
+        (csr, public key, its SubjectPublicKeyInfo DER, cipher)."""
+        if msg.content is None:
+            raise ScepFailure(FailInfo.badRequest, "the message carries no enveloped content")
+
+        def work():
+            plaintext, cipher = scep.decrypt_envelope(msg.content, self.signer_key, self.signer_cert,
+                                                      self.allow_legacy_des)
+            csr = scep.parse_csr(plaintext)
+            public_key = csr.public_key()
+            return csr, public_key, _spki(public_key), cipher
+        return self.run_crypto(work)
+
     async def _enroll(self, msg, credentials, client, secure):
+        """(certificate, cipher, CertRep or None): the CertRep of a new certificate is built with it."""
         if not isinstance(msg.signer_cert.public_key(), rsa.RSAPublicKey):
             raise ScepFailure(FailInfo.badAlg, "the message signer needs an RSA key: SCEP returns the certificate "
                                                "encrypted to it (the CSR's own key may be EC or Ed25519)")
-        plaintext, cipher = await self._decrypt(msg)
-        csr = scep.parse_csr(plaintext)
-        public_key = csr.public_key()
-        spki = _spki(public_key)
+        csr, public_key, spki, cipher = await self._open_request(msg)
 
         previous = self.log.by_transaction(msg.transaction_id)
         if previous is not None:
@@ -150,7 +166,7 @@ class EnrollmentService:
             if msg.signer_cert != cert and self.now() < cert.not_valid_after_utc:
                 # !r: the transactionID is the client's string (a UTF8String may hold line breaks and escapes)
                 log.info("SCEP retry of transaction {tid!r}: the certificate already issued", tid=msg.transaction_id)
-                return cert, cipher
+                return cert, cipher, None
         pending = self._in_flight.get(msg.transaction_id)
         if pending is not None:  # the same request, retried while the first is still being issued
             waiter = defer.Deferred()
@@ -158,7 +174,7 @@ class EnrollmentService:
             cert = await waiter
             if _spki(cert.public_key()) != spki:
                 raise ScepFailure(FailInfo.badRequest, "this transactionID was already used for another key")
-            return cert, cipher
+            return cert, cipher, None
 
         renewal_of = None
         if msg.message_type == scep.MessageType.RenewalReq:
@@ -171,8 +187,11 @@ class EnrollmentService:
             raise ScepFailure(FailInfo.badRequest, "a renewal must be made by the holder of the certificate")
 
         waiters = self._in_flight[msg.transaction_id] = []
+
+        def cert_rep(cert):
+            return self._cert_rep(msg, scep.PkiStatus.SUCCESS, scep.degenerate_pkcs7([cert]), cipher)
         try:
-            cert = await self.issue(identity, public_key, msg.transaction_id, client)
+            cert, reply = await self._issue(identity, public_key, msg.transaction_id, client, then=cert_rep)
         except BaseException as e:
             for w in waiters:
                 w.errback(e)
@@ -181,7 +200,7 @@ class EnrollmentService:
             del self._in_flight[msg.transaction_id]
         for w in waiters:
             w.callback(cert)
-        return cert, cipher
+        return cert, cipher, reply
 
     def check_held_certificate(self, old: x509.Certificate) -> Record:
         """The issuance record of a certificate a client proves it holds (a RenewalReq signer, an EST TLS client
@@ -291,26 +310,38 @@ class EnrollmentService:
         ScepFailure when the policy refuses; StorageUnavailable when the journal can't record it, and then
         no certificate leaves the server. ``profile`` overrides the policy's choice (already checked).
         """
+        return (await self._issue(identity, public_key, transaction_id, client, profile))[0]
+
+    async def _issue(self, identity, public_key, transaction_id, client, profile=None, then=None):
+        """issue(); with ``then``, ``then(cert)`` runs in the same job as the signature (the SCEP CertRep: one
+        hand-off to the crypto threads instead of two). Returns (certificate, then(certificate) or None)."""
         now = self.now()
-        since = int(self.clock.seconds()) - 3600
+        seconds = int(self.clock.seconds())
         user = identity.user
         pending = self._pending_users.get(user, 0)  # issues of this user still being signed or journalled
-        decision = self.policy.decide(
-            identity, public_key, now, self.ca.not_after(),
-            valid_count=len(self.log.valid_for_user(user, int(self.clock.seconds()))) + pending,
-            issued_last_hour=self.log.count_issued_since(user, since) + pending, profile=profile)
+        policy = self.policy
+        # The per-user limits scan the user's records: only when they are on.
+        valid_count = len(self.log.valid_for_user(user, seconds)) + pending \
+            if getattr(policy, "max_valid_per_user", 1) else 0
+        issued_last_hour = self.log.count_issued_since(user, seconds - 3600) + pending \
+            if getattr(policy, "max_per_user_per_hour", 1) else 0
+        decision = policy.decide(identity, public_key, now, self.ca.not_after(), valid_count=valid_count,
+                                 issued_last_hour=issued_last_hour, profile=profile)
         serial = self._new_serial()
         self._pending_users[user] = pending + 1
         self._pending_serials.add(serial)
         try:
-            cert = await self.run_crypto(self.ca.issue, public_key, decision.subject, decision.san,
-                                         decision.not_before, decision.not_after, serial, decision.eku, self.crl_url)
+            def sign():
+                cert = self.ca.issue(public_key, decision.subject, decision.san, decision.not_before,
+                                     decision.not_after, serial, decision.eku, self.crl_url)
+                return cert, cert.public_bytes(serialization.Encoding.DER), then(cert) if then is not None else None
+            cert, der, extra = await self.run_crypto(sign)
             record = Record(serial, user, decision.profile, decision.subject.rfc4514_string(),
                             ", ".join(str(g.value) for g in decision.san), decision.key_type,
                             int(decision.not_before.timestamp()), int(decision.not_after.timestamp()),
-                            transaction_id, client, identity.method, int(self.clock.seconds()))
+                            transaction_id, client, identity.method, seconds)
             # Journalled and fsynced before anything leaves the server; StorageUnavailable becomes a 503.
-            await self.journal.record_issue(record, cert.public_bytes(serialization.Encoding.DER))
+            await self.journal.record_issue(record, der)
         finally:
             self._pending_serials.discard(serial)
             left = self._pending_users[user] - 1
@@ -321,7 +352,7 @@ class EnrollmentService:
         self._count("issued", decision.profile)
         log.info("issued serial {serial:x} to {user!r} ({profile}, until {until}) for {client}", serial=serial,
                  user=identity.user, profile=decision.profile, until=decision.not_after.isoformat(), client=client)
-        return cert
+        return cert, extra
 
     def _new_serial(self) -> int:
         while True:

@@ -26,6 +26,7 @@ from getcertd.httpguard import Drain
 from getcertd.local import LocalAuthenticator
 from getcertd.policy import Policy
 from getcertd import est, est_web, state, web
+from getcertd.workers import WorkerPool
 from getcertd.est_enroll import EstService
 
 log = Logger()
@@ -144,6 +145,8 @@ def _make(config, reactor, now):
     log.info("issuance log: {count} records replayed from {path}", count=count, path=journal_path)
     journal = Journal(journal_path, issuance_log, reactor)
     journal.setServiceParent(top)  # named "journal"; stopping it flushes and closes the file
+    workers = WorkerPool(reactor)  # the CA's and RA's private-key work: one thread per core, off the reactor
+    workers.setServiceParent(top)  # stops after the drain below: in-flight enrollments finish first
 
     if config.auth_backend == "local":
         authenticator = LocalAuthenticator(state.users_loader(config.users_file), reactor)
@@ -161,7 +164,7 @@ def _make(config, reactor, now):
     enrollment = EnrollmentService(
         ca=ca, signer_key=ra_key, signer_cert=ra_cert or ca.certificate, policy=policy,
         issuance_log=issuance_log, journal=journal, authenticator=authenticator, clock=reactor,
-        allow_legacy_des=config.allow_legacy_des, renewal_without_auth=config.renewal_without_auth,
+        allow_legacy_des=config.allow_legacy_des, renewal_without_auth=config.renewal_without_auth, run_crypto=workers,
         challenge_user=config.challenge_user, crl=None, crl_url=config.crl_url or None,
         challenges=ChallengeStore())
 
