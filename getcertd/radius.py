@@ -470,6 +470,7 @@ class _Request:
         self.packet = b""
         self.transmissions = 0
         self.first_sent = 0.0
+        self.deadline = 0.0  # when the request fails wherever it stands (RadiusClientProtocol.bound)
         self.timer = None
         self.done = False
 
@@ -480,13 +481,15 @@ class RadiusClientProtocol(DatagramProtocol):
     Each request is sent to the first server that is up (in configured order) and not yet tried for
     it, retransmitted unchanged every ``timeout`` seconds ``retries`` times, then the server is marked
     dead for ``dead_time`` and the request fails over with a new identifier and Request
-    Authenticator. When every server was tried, the request fails with AuthUnavailable (after at most
-    timeout x (retries + 1) x number of servers). Servers marked dead are tried only after those up.
+    Authenticator. When every server was tried, the request fails with AuthUnavailable. Either way it
+    fails at most timeout x (retries + 1) x number of servers after it was made (:attr:`bound`), time
+    spent waiting for a free identifier included. Servers marked dead are tried only after those up.
     A reply is trusted only if it comes from the server's address and port, for an identifier in
     flight, with the right Response Authenticator and Message-Authenticator (see
     :func:`decode_reply`); anything else is dropped, counted and logged, and the request keeps waiting.
     When all 256 identifiers of a server are in flight, requests wait in a queue (at most
-    ``max_queued``, beyond that they fail with AuthUnavailable).
+    ``max_queued``, beyond that they fail with AuthUnavailable; a request still waiting at its bound
+    fails with AuthUnavailable too).
     """
 
     def __init__(self, settings: RadiusSettings, clock: IReactorTime, *,
@@ -572,6 +575,7 @@ class RadiusClientProtocol(DatagramProtocol):
                 self._release(request)
 
         request = _Request(attributes, defer.Deferred(cancel))
+        request.deadline = self.clock.seconds() + self.bound
         if not self._running or self.transport is None:
             self._fail(request, AuthUnavailable("RADIUS client is not running"))
         else:
@@ -584,6 +588,11 @@ class RadiusClientProtocol(DatagramProtocol):
         return self.send_access_request(access_request_attributes(
             user, password, state, calling_station_id,
             self.settings.nas_identifier, self.settings.nas_ip_address))
+
+    @property
+    def bound(self) -> float:
+        """The longest a request can take: every server tried, each sent to retries + 1 times."""
+        return self.settings.timeout * (self.settings.retries + 1) * len(self._servers)
 
     def status(self) -> dict:
         """Counters for the admin manhole and metrics, as plain data."""
@@ -634,6 +643,10 @@ class RadiusClientProtocol(DatagramProtocol):
                 return
             request.server, request.queued = server, True
             server.waiting.append(request)
+            # Waiting counts against the bound: with every identifier held by a server that doesn't answer, a
+            # request would otherwise wait a whole bound per 256 requests ahead of it.
+            request.timer = self.clock.callLater(max(0.0, request.deadline - self.clock.seconds()),
+                                                 self._waited_too_long, request)
             return
         request.server, request.queued, request.identifier = server, False, identifier
         request.authenticator = self._random(16)
@@ -653,22 +666,33 @@ class RadiusClientProtocol(DatagramProtocol):
         except Exception as e:  # e.g. no route: the timer will fail over
             log.warn("Could not send to RADIUS server {server}: {error}",
                      server=request.server.label, error=str(e))
-        request.timer = self.clock.callLater(self.settings.timeout, self._timed_out, request)
+        wait = min(self.settings.timeout, request.deadline - self.clock.seconds())
+        request.timer = self.clock.callLater(max(0.0, wait), self._timed_out, request)
 
     def _timed_out(self, request: _Request):
         request.timer = None
         server = request.server
-        if request.transmissions <= self.settings.retries:
+        late = self.clock.seconds() >= request.deadline
+        if request.transmissions <= self.settings.retries and not late:
             server.retransmissions += 1
             self._transmit(request)
             return
-        server.timeouts += 1
-        if server.is_up(self.clock.seconds()):
-            log.warn("RADIUS server {server} did not answer: marked dead for {dead_time} s",
-                     server=server.label, dead_time=self.settings.dead_time)
-        server.dead_until = self.clock.seconds() + self.settings.dead_time
+        if request.transmissions > self.settings.retries:  # it had its full share of the server's time
+            server.timeouts += 1
+            if server.is_up(self.clock.seconds()):
+                log.warn("RADIUS server {server} did not answer: marked dead for {dead_time} s",
+                         server=server.label, dead_time=self.settings.dead_time)
+            server.dead_until = self.clock.seconds() + self.settings.dead_time
         self._release(request)
-        self._dispatch(request)
+        if late and any(s.address not in request.tried for s in self._servers):
+            self._fail(request, AuthUnavailable(f"no RADIUS answer within {self.bound:g} s"))
+        else:
+            self._dispatch(request)
+
+    def _waited_too_long(self, request: _Request):
+        request.timer = None
+        self._release(request)  # off its server's waiting queue
+        self._fail(request, AuthUnavailable(f"no RADIUS identifier free within {self.bound:g} s"))
 
     def _release(self, request: _Request):
         """Take the request off its server; give a freed identifier to the first waiting request."""
@@ -688,6 +712,7 @@ class RadiusClientProtocol(DatagramProtocol):
         if server.waiting and self._running:
             waiter = server.waiting.popleft()
             waiter.server, waiter.queued = None, False
+            self._cancel_timer(waiter)
             self._dispatch(waiter)
 
     def _cancel_timer(self, request: _Request):

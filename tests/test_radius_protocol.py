@@ -584,3 +584,50 @@ def test_logs_never_carry_passwords_or_state():
     assert "Dropped" in text and "marked dead" in text
     for secret in ("PASSWORD-VALUE", "STATE-VALUE", state.hex(), SECRET.decode()):
         assert secret not in text
+
+
+def test_a_request_waiting_for_an_identifier_fails_within_the_bound():
+    """With all 256 identifiers held by a server that doesn't answer, the requests waiting for one fail at the
+    bound like the others: they used to wait a whole bound more for every 256 requests ahead of them, so with
+    600 requests and RADIUS down the last answers came after three times the bound (tests/test_load_faults)."""
+    proto, clock, transport = make(timeout=1, retries=1)
+    assert proto.bound == 2
+    outs = [results(proto.access_request(f"user{i}", b"pw")) for i in range(600)]
+    assert len(transport.written) == 256 and server_status(proto)["queued"] == 344
+    clock.pump([1, 0.5])  # (Clock.advance runs what falls due at the end of the step)
+    late = results(proto.access_request("late", b"pw"))  # made at 1.5 s: fails at 3.5 s
+    clock.advance(0.5)
+    assert all(out and out[0].check(AuthUnavailable) for out in outs)
+    assert server_status(proto)["timeouts"] == 256 and server_status(proto)["queued"] == 0
+    # the late one got an identifier when they were freed, and gets the rest of its time, not more
+    assert len(transport.written) == 256 * 2 + 1 and not late
+    clock.advance(1.4)
+    assert not late
+    clock.advance(0.1)
+    assert late[0].check(AuthUnavailable)
+    assert server_status(proto)["in_flight"] == 0 and not clock.getDelayedCalls()
+
+
+def test_queued_time_shortens_the_wait_without_marking_a_server_dead():
+    proto, clock, transport = make(servers=(A, B), timeout=1, retries=1)
+    assert proto.bound == 4
+    held = [results(proto.access_request("u", b"pw")) for _ in range(256)]
+    waiting = results(proto.access_request("w", b"pw"))
+    clock.pump([1, 0.9])  # (Clock.advance runs what falls due at the end of the step)
+    # A answers the first request at 1.9 s: the waiter gets its identifier with 2.1 s left of its 4
+    proto.datagramReceived(reply_to(transport.written[0][0], ACCESS_ACCEPT), A)
+    assert held[0][0].code == ACCESS_ACCEPT
+    sent = transport.written[-1]
+    assert sent[1] == A and parse_request(sent[0])[1] == parse_request(transport.written[0][0])[1]
+    clock.advance(0.1)  # t = 2: the other 255 time out on A, fail over to B
+    assert server_status(proto, 0)["state"] == "dead"
+    clock.pump([0.9, 1])  # t = 3.9: the waiter, sent to A at 1.9 and 2.9, fails over to B with 0.1 s left
+    assert not waiting and transmitted_to(transport, B)[-1] == parse_request(transport.written[-1][0])
+    clock.advance(0.1)  # t = 4: its bound; B had no time to answer in: AuthUnavailable, and B is not blamed
+    assert waiting[0].check(AuthUnavailable)
+    assert server_status(proto, 1)["timeouts"] == 255  # the 255 others, which had their full time there
+    assert not clock.getDelayedCalls()
+
+
+def transmitted_to(transport, address):
+    return [parse_request(data) for data, to in transport.written if to == address]
