@@ -4,6 +4,7 @@ Every key documented in etc/getcertd.ini is known here; an unknown section or ke
 is reported at start instead of being silently ignored.
 """
 import configparser
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Tuple
@@ -73,6 +74,8 @@ class Config:
     manhole_listen: str
     manhole_authorized_keys: str
     metrics_listen: str
+    manhole_allow_remote: bool = False
+    metrics_allow_remote: bool = False
     source: str = field(default="", compare=False)
 
 
@@ -110,8 +113,8 @@ _SCHEMA = {
                "max_per_user_per_hour": "60", "default_profile": "default", "profile_map": ""},
     "crl": {"interval": "1h", "lifetime": "1d", "url": ""},
     "log": {"retain": "30d"},
-    "manhole": {"listen": "tcp:2222:interface=127.0.0.1", "authorized_keys": ""},
-    "metrics": {"listen": ""},
+    "manhole": {"listen": "tcp:2222:interface=127.0.0.1", "authorized_keys": "", "allow_remote": "no"},
+    "metrics": {"listen": "", "allow_remote": "no"},
 }
 _PROFILE_KEYS = {"lifetime", "subject", "san", "eku"}
 
@@ -152,6 +155,51 @@ def _hostport(text):
     if not host or not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536:
         raise ConfigError(f"[radius] servers: expected host:port with a port from 1 to 65535, got {text[:80]!r}")
     return host, int(port)
+
+
+def _endpoint_parts(description: str):
+    """(kind, positional args, keyword args) of a Twisted server endpoint string (``\\:`` escapes a colon)."""
+    parts, current, chars = [], "", iter(description)
+    for c in chars:
+        if c == "\\":
+            current += next(chars, "")
+        elif c == ":":
+            parts.append(current)
+            current = ""
+        else:
+            current += c
+    parts.append(current)
+    if parts[0].isdigit():  # the old strports form: a bare port is TCP on every interface
+        parts.insert(0, "tcp")
+    args = [p for p in parts[1:] if "=" not in p]
+    kwargs = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    return parts[0], args, kwargs
+
+
+def loopback_only(description: str) -> bool:
+    """Whether a server endpoint string can only be reached from this machine (loopback TCP or a UNIX socket)."""
+    kind, _args, kwargs = _endpoint_parts(description.strip())
+    if kind == "unix":
+        return True
+    if kind not in ("tcp", "tcp6"):
+        return False  # systemd sockets and the like: can't tell
+    interface = kwargs.get("interface", "")
+    if interface == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return False  # no interface: every interface
+
+
+def _local_listener(section, v):
+    """[manhole]/[metrics] listen: loopback unless allow_remote = yes says the admin means it."""
+    listen = v[section]["listen"]
+    allow_remote = _bool(section, "allow_remote", v[section]["allow_remote"])
+    if listen and not allow_remote and not loopback_only(listen):
+        raise ConfigError(f"[{section}] listen: {listen!r} is reachable from other machines; listen on loopback "
+                          "(e.g. tcp:PORT:interface=127.0.0.1), or set allow_remote = yes to mean it")
+    return listen, allow_remote
 
 
 def parse_config(text: str, source: str = "<config>", read_file=None) -> Config:
@@ -246,6 +294,12 @@ def _build(v, raw_profiles, source, read_file) -> Config:
         profile_map[hint] = name
     if pol["default_profile"] not in profiles:
         raise ConfigError(f"[policy] default_profile: no profile named {pol['default_profile']!r}")
+    crl_interval = max(_dur("crl", "interval", v["crl"]["interval"]), 1)
+    crl_lifetime = _dur("crl", "lifetime", v["crl"]["lifetime"])
+    if crl_lifetime < crl_interval:
+        raise ConfigError("[crl] lifetime: must be at least [crl] interval (a CRL must stay valid until the next)")
+    manhole_listen, manhole_allow_remote = _local_listener("manhole", v)
+    metrics_listen, metrics_allow_remote = _local_listener("metrics", v)
 
     return Config(
         state_dir=g["state_dir"], server_name=g["server_name"],
@@ -264,8 +318,8 @@ def _build(v, raw_profiles, source, read_file) -> Config:
         max_valid_per_user=_int("policy", "max_valid_per_user", pol["max_valid_per_user"]),
         max_per_user_per_hour=_int("policy", "max_per_user_per_hour", pol["max_per_user_per_hour"]),
         default_profile=pol["default_profile"], profiles=profiles, profile_map=profile_map,
-        crl_interval=max(_dur("crl", "interval", v["crl"]["interval"]), 1),
-        crl_lifetime=_dur("crl", "lifetime", v["crl"]["lifetime"]), crl_url=v["crl"]["url"],
+        crl_interval=crl_interval, crl_lifetime=crl_lifetime, crl_url=v["crl"]["url"],
         log_retain=_dur("log", "retain", v["log"]["retain"]),
-        manhole_listen=v["manhole"]["listen"], manhole_authorized_keys=v["manhole"]["authorized_keys"],
-        metrics_listen=v["metrics"]["listen"], source=source)
+        manhole_listen=manhole_listen, manhole_authorized_keys=v["manhole"]["authorized_keys"],
+        metrics_listen=metrics_listen, manhole_allow_remote=manhole_allow_remote,
+        metrics_allow_remote=metrics_allow_remote, source=source)

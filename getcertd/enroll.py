@@ -384,7 +384,7 @@ class EnrollmentService:
     async def _get_crl(self, msg):
         content, cipher = await self._decrypt(msg)
         issuer, _serial = scep.parse_issuer_and_serial(content)
-        if issuer != self.ca.certificate.subject or self.crl is None:
+        if issuer != self.ca.certificate.subject or self.crl is None or self.crl.der is None:
             raise ScepFailure(FailInfo.badCertId, "no CRL is published for that issuer")
         crl = x509.load_der_x509_crl(self.crl.der)
         return await self._reply(msg, scep.PkiStatus.SUCCESS, content=scep.degenerate_pkcs7([], [crl]),

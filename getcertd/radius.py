@@ -502,6 +502,7 @@ class RadiusClientProtocol(DatagramProtocol):
         self._by_address = {server.address: server for server in self._servers}
         self.unknown_source_dropped = 0
         self._running = False
+        self.rtt_observer = None  # rtt_observer(server label, seconds) for each verified reply (metrics)
 
     # -- Twisted's DatagramProtocol ----------------------------------------------------------------
 
@@ -543,6 +544,8 @@ class RadiusClientProtocol(DatagramProtocol):
             self._drop(server, identifier, str(e))
             return
         server.last_rtt = self.clock.seconds() - request.first_sent
+        if self.rtt_observer is not None:
+            self.rtt_observer(server.label, server.last_rtt)
         server.dead_until = None
         if reply.code == ACCESS_ACCEPT:
             server.accepts += 1

@@ -3,11 +3,14 @@
 state_dir is 0700 and key files 0600; the appliance refuses to start with a CA or RA key that others can read.
 """
 import datetime
+import fcntl
 import os
 import stat
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from twisted.application import service
 
 from getcertd.ca import (CertificateAuthority, cert_pem, fingerprint, generate_key, key_pem, make_ca_certificate)
 from getcertd.errors import ConfigError
@@ -190,3 +193,82 @@ def users_loader(path: str):
             cache["sig"] = sig
         return cache["users"]
     return load
+
+
+class StateDirBusy(ConfigError):
+    """Another process (a running appliance, getcertd-admin) holds the state_dir lock."""
+
+
+def lock_state_dir(state_dir: str, holder: str = None) -> int:
+    """Take the exclusive lock on ``state_dir/lock`` (flock; the kernel drops it when the process dies, SIGKILL
+    included); the fd holding it. StateDirBusy naming the holder if it is taken. ``holder`` is written into the
+    file for that message (see :class:`StateLock` for the appliance)."""
+    path = os.path.join(state_dir, "lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    except OSError as e:
+        raise ConfigError(f"can't open the lock file {path}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        who = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        raise StateDirBusy(f"{state_dir} is in use by {who} (it holds {path})") from None
+    if holder is not None:
+        write_lock_holder(fd, holder)
+    return fd
+
+
+def write_lock_holder(fd: int, holder: str) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{holder}\n".encode("utf-8"), 0)
+
+
+class StateLock(service.Service):
+    """The appliance's hold on ``state_dir/lock`` while it runs: getcertd-admin refuses to change the journal or
+    the CRL number then, and a second appliance on the same state_dir is refused at start.
+
+    The lock is taken when this is made (before anything listens); the holder's pid is written at start (after
+    twistd has daemonized); it is released at stop. Added to the appliance first, it stops last.
+    """
+    name = "statelock"
+
+    def __init__(self, state_dir: str):
+        self.state_dir = state_dir
+        self.fd = lock_state_dir(state_dir)
+
+    def startService(self):
+        super().startService()
+        if self.fd is not None:
+            write_lock_holder(self.fd, f"the appliance (pid {os.getpid()})")
+
+    def stopService(self):
+        super().stopService()
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)  # closing the only descriptor releases the flock
+            self.fd = None
+
+
+SSH_HOST_KEY = "ssh_host_ed25519_key"
+
+
+def load_or_create_ssh_host_key(state_dir: str):
+    """The manhole's SSH host key (Ed25519, OpenSSH format, 0600 in state_dir), generated at first start."""
+    path = os.path.join(state_dir, SSH_HOST_KEY)
+    if not os.path.exists(path):
+        key = ed25519.Ed25519PrivateKey.generate()
+        write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                              serialization.NoEncryption()))
+        write_public(path + ".pub", key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                                  serialization.PublicFormat.OpenSSH) + b"\n")
+        return key
+    st = os.stat(path)
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise ConfigError(f"manhole host key {path} is readable by others (mode {stat.S_IMODE(st.st_mode):o}); "
+                          f"run: chmod 600 {path}")
+    try:
+        with open(path, "rb") as f:
+            return serialization.load_ssh_private_key(f.read(), None)
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError(f"manhole host key {path}: {e}") from None

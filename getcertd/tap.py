@@ -4,6 +4,7 @@ Options check their input in postOptions; makeService reads the files, builds ev
 child service. Nothing listens until the MultiService starts.
 """
 import datetime
+import gc
 import os
 import sys
 
@@ -11,7 +12,7 @@ from OpenSSL import SSL, crypto as _crypto
 from OpenSSL._util import lib as _openssl_lib
 from cryptography.hazmat.primitives import serialization
 from twisted.application import service, strports
-from twisted.internet import defer, ssl
+from twisted.internet import defer, ssl, threads
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
@@ -20,11 +21,14 @@ from getcertd import scep
 from getcertd.auth import ChallengeStore
 from getcertd.ca import fingerprint
 from getcertd.config import parse_config
+from getcertd.crl import CrlPublisher
 from getcertd.enroll import EnrollmentService
 from getcertd.errors import ConfigError
 from getcertd.httpguard import Drain
 from getcertd.local import LocalAuthenticator
+from getcertd.operations import CompactionService
 from getcertd.policy import Policy
+from getcertd.stats import Stats
 from getcertd import est, est_web, state, web
 from getcertd.workers import WorkerPool
 from getcertd.est_enroll import EstService
@@ -124,6 +128,7 @@ def _make(config, reactor, now):
     from getcertd.journal import Journal, replay
 
     state.ensure_state_dir(config.state_dir)
+    state_lock = state.StateLock(config.state_dir)  # a second appliance, or getcertd-admin, is refused
     ca = state.load_or_create_ca(config, now, log)
     if ca.not_after() <= now:
         # Nothing can be issued from it, our own RA and TLS certificates included: say so instead of a traceback.
@@ -139,14 +144,21 @@ def _make(config, reactor, now):
     tls_key, tls_cert, tls_chain = state.load_or_create_tls(config, ca, now)
 
     top = Appliance(reactor)
+    state_lock.setServiceParent(top)  # first in, last out: released once the journal is closed
     issuance_log = IssuanceLog()
     journal_path = os.path.join(config.state_dir, "journal")
     count = replay(journal_path, issuance_log)
     log.info("issuance log: {count} records replayed from {path}", count=count, path=journal_path)
+    gc.freeze()  # the replayed records live as long as the process: keep them out of every cyclic collection
     journal = Journal(journal_path, issuance_log, reactor)
     journal.setServiceParent(top)  # named "journal"; stopping it flushes and closes the file
     workers = WorkerPool(reactor)  # the CA's and RA's private-key work: one thread per core, off the reactor
     workers.setServiceParent(top)  # stops after the drain below: in-flight enrollments finish first
+    stats = Stats(reactor, backend=config.auth_backend, log=issuance_log)
+    crl = stats.crl = CrlPublisher(ca, config.state_dir, issuance_log, reactor, interval=config.crl_interval,
+                                   lifetime=config.crl_lifetime, run=threads.deferToThread)
+    crl.setServiceParent(top)  # named "crl": a CRL at start, every [crl] interval and after each revocation
+    CompactionService(journal, reactor, config.log_retain).setServiceParent(top)
 
     if config.auth_backend == "local":
         authenticator = LocalAuthenticator(state.users_loader(config.users_file), reactor)
@@ -154,6 +166,7 @@ def _make(config, reactor, now):
         from getcertd import radius
         proto = radius.RadiusClientProtocol(radius.settings_from_config(config.radius), reactor)
         authenticator = radius.RadiusAuthenticator(proto)
+        proto.rtt_observer, stats.radius = stats.observe_radius_rtt, proto
         udp = radius.listener_service(proto)
         udp.setName("radius")
         udp.setServiceParent(top)
@@ -165,27 +178,33 @@ def _make(config, reactor, now):
         ca=ca, signer_key=ra_key, signer_cert=ra_cert or ca.certificate, policy=policy,
         issuance_log=issuance_log, journal=journal, authenticator=authenticator, clock=reactor,
         allow_legacy_des=config.allow_legacy_des, renewal_without_auth=config.renewal_without_auth, run_crypto=workers,
-        challenge_user=config.challenge_user, crl=None, crl_url=config.crl_url or None,
-        challenges=ChallengeStore())
+        challenge_user=config.challenge_user, crl=crl, crl_url=config.crl_url or None,
+        challenges=ChallengeStore(), stats=stats)
 
     material = CaMaterial(ca.certificate, ra_cert)
     caps = caps_for(config)
     port = config.https_listen.split(":")[1] if ":" in config.https_listen else "8443"
     scep_url = f"https://{config.server_name}:{port}{config.scep_paths[-1]}"
-    page = web.landing_page(ca.certificate.subject.rfc4514_string(), fingerprint(ca.certificate), scep_url,
-                            f"getcert enroll --url {scep_url} --user USER --ca-fingerprint sha256:"
-                            + fingerprint(ca.certificate).replace(":", "").lower() + " --out DIR")
+    enroll_line = (f"getcert enroll --url {scep_url} --user USER --ca-fingerprint sha256:"
+                   + fingerprint(ca.certificate).replace(":", "").lower() + " --out DIR")
+
+    def page():  # it shows the CRL's next update
+        return web.landing_page(ca.certificate.subject.rfc4514_string(), fingerprint(ca.certificate), scep_url,
+                                enroll_line, crl.next_update)
+    ca_der, ca_pem = (ca.certificate.public_bytes(e) for e in (serialization.Encoding.DER, serialization.Encoding.PEM))
 
     sites = []
 
     def site(secure):
         root = web.Root(page if secure else b"")
+        web.add_downloads(root, ca_der, ca_pem, crl)  # /ca.crt /ca.pem /crl /crl.pem, plain HTTP too
         for path in config.scep_paths:
             web.add_path(root, path, web.ScepResource(enrollment, material, secure, caps))
         if secure:  # EST is defined over TLS only
             web.add_path(root, est.WELL_KNOWN, est_web.EstRoot(EstService(enrollment, ca.certificate)))
         sites.append(web.Site(root, max_connections=config.max_connections, request_timeout=config.request_timeout,
                               idle_timeout=config.idle_timeout))
+        sites[-1].stats, sites[-1].endpoint = stats, endpoint_label(config.scep_paths)
         return sites[-1]
 
     Drain(sites, reactor).setServiceParent(top)  # stops after the listeners below: in-flight requests finish
@@ -198,11 +217,35 @@ def _make(config, reactor, now):
         http = strports.service(config.http_listen, site(False))
         http.setName("http")
         http.setServiceParent(top)
+    if config.manhole_authorized_keys:
+        from getcertd import admin_ns, manhole
+        namespace = admin_ns.namespace(issuance_log=issuance_log, journal=journal, crl=crl, clock=reactor,
+                                       stats=stats, config=config, radius=stats.radius)
+        ssh = strports.service(config.manhole_listen, manhole.factory(
+            namespace, config.manhole_authorized_keys, state.load_or_create_ssh_host_key(config.state_dir)))
+        ssh.setName("manhole")
+        ssh.setServiceParent(top)
+    if config.metrics_listen:
+        metrics = strports.service(config.metrics_listen, web.Site(web.metrics_root(stats)))
+        metrics.setName("metrics")
+        metrics.setServiceParent(top)
     log.info("SCEP at {url}, EST at https://{name}:{port}{est}/", url=scep_url, name=config.server_name, port=port,
              est=est.WELL_KNOWN)
     top.enrollment = enrollment
     top.issuance_log = issuance_log
+    top.crl, top.stats = crl, stats
     return top
+
+
+def endpoint_label(scep_paths):
+    """Request path -> the label of its latency histogram (a fixed, small set)."""
+    labels = {p.encode(): "scep" for p in scep_paths}
+    labels.update({b"/crl": "crl", b"/crl.pem": "crl", b"/ca.crt": "ca", b"/ca.pem": "ca", b"/": "page"})
+    est_prefix = est.WELL_KNOWN.encode()
+
+    def label(path):
+        return labels.get(path) or ("est" if path.startswith(est_prefix) else "other")
+    return label
 
 
 class Appliance(service.MultiService):

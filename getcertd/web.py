@@ -12,6 +12,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource, server
+from twisted.web.http import datetimeToString as http_date
 
 from getcertd.enroll import Credentials
 from getcertd.httpguard import MAX_URI, GuardedSite
@@ -211,9 +212,13 @@ class ScepResource(resource.Resource):
         return server.NOT_DONE_YET
 
 
-def landing_page(ca_subject: str, fingerprint: str, scep_url: str, enroll_line: str) -> bytes:
-    """The small HTML page at / (the draft uses HTML as a data representation)."""
+def landing_page(ca_subject: str, fingerprint: str, scep_url: str, enroll_line: str, crl_next_update=None) -> bytes:
+    """The small HTML page at / (the draft uses HTML as a data representation): no script, no private data.
+
+    ``crl_next_update``: the served CRL's nextUpdate (a datetime), or None before the first CRL.
+    """
     e = html.escape
+    next_update = crl_next_update.strftime("%Y-%m-%d %H:%M:%S UTC") if crl_next_update else "no CRL published yet"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>getcertd</title>
 <style>body{{font-family:sans-serif;max-width:46em;margin:2em auto;line-height:1.5}}code{{background:#eee;padding:0 .2em}}</style>
@@ -223,14 +228,21 @@ def landing_page(ca_subject: str, fingerprint: str, scep_url: str, enroll_line: 
 <p>SHA-256 fingerprint: <code id="ca-fingerprint">{e(fingerprint)}</code></p>
 <p>SCEP URL: <code id="scep-url">{e(scep_url)}</code></p>
 <p>Enroll: <code id="enroll">{e(enroll_line)}</code></p>
+<p>CA certificate: <a id="ca-der" href="/ca.crt">DER</a>, <a id="ca-pem" href="/ca.pem">PEM</a></p>
+<p>CRL: <a id="crl-der" href="/crl">DER</a>, <a id="crl-pem" href="/crl.pem">PEM</a>;
+next update <time id="crl-next-update">{e(next_update)}</time></p>
 </body></html>
 """.encode()
 
 
 class Root(resource.Resource):
-    """The site root: the SCEP paths, and later CA downloads, the CRL and the landing page."""
+    """The site root: the SCEP paths, CA downloads, the CRL and the landing page.
 
-    def __init__(self, page: bytes = b""):
+    ``page``: the landing page's bytes, or a function returning them (it shows the CRL's next update); empty:
+    no page (plain HTTP).
+    """
+
+    def __init__(self, page=b""):
         super().__init__()
         self.page = page
 
@@ -241,7 +253,71 @@ class Root(resource.Resource):
 
     def render_GET(self, request):
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
-        return self.page
+        return self.page() if callable(self.page) else self.page
+
+
+class Download(resource.Resource):
+    """Fixed bytes with a content type (the CA certificate)."""
+    isLeaf = True
+
+    def __init__(self, body: bytes, content_type: bytes):
+        super().__init__()
+        self.body = body
+        self.content_type = content_type
+
+    def render_GET(self, request):
+        request.setHeader(b"Content-Type", self.content_type)
+        return self.body
+
+
+class CrlResource(resource.Resource):
+    """The current CRL of a getcertd.crl.CrlPublisher: DER (application/pkix-crl, RFC 5280 section 4.2.1.13)
+    or PEM. Revalidated on each use: a revocation publishes a new CRL at once."""
+    isLeaf = True
+
+    def __init__(self, publisher, pem: bool = False):
+        super().__init__()
+        self.publisher = publisher
+        self.pem = pem
+
+    def render_GET(self, request):
+        body = self.publisher.pem if self.pem else self.publisher.der
+        if body is None:
+            request.setHeader(b"Retry-After", b"5")
+            return _plain(request, 503, "no CRL has been published yet; try again in a few seconds")
+        request.setHeader(b"Content-Type", b"application/x-pem-file" if self.pem else b"application/pkix-crl")
+        request.setHeader(b"Cache-Control", b"no-cache")
+        if self.publisher.this_update is not None:
+            request.setHeader(b"Last-Modified", http_date(self.publisher.this_update.timestamp()))
+        return body
+
+
+def add_downloads(root: resource.Resource, ca_cert_der: bytes, ca_cert_pem: bytes, crl_publisher) -> None:
+    """/ca.crt, /ca.pem, /crl and /crl.pem."""
+    root.putChild(b"ca.crt", Download(ca_cert_der, b"application/pkix-cert"))
+    root.putChild(b"ca.pem", Download(ca_cert_pem, b"application/x-pem-file"))
+    root.putChild(b"crl", CrlResource(crl_publisher))
+    root.putChild(b"crl.pem", CrlResource(crl_publisher, pem=True))
+
+
+class MetricsResource(resource.Resource):
+    """/metrics: the Prometheus text format of a getcertd.stats.Stats, collected on the reactor thread."""
+    isLeaf = True
+
+    def __init__(self, stats):
+        super().__init__()
+        self.stats = stats
+
+    def render_GET(self, request):
+        request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-store")
+        return self.stats.metrics_text()
+
+
+def metrics_root(stats) -> resource.Resource:
+    root = resource.Resource()
+    root.putChild(b"metrics", MetricsResource(stats))
+    return root
 
 
 def add_path(root: resource.Resource, path: str, leaf: resource.Resource) -> None:
@@ -259,8 +335,22 @@ def add_path(root: resource.Resource, path: str, leaf: resource.Resource) -> Non
 
 class Site(GuardedSite):
     """Connection limits (getcertd.httpguard), no tracebacks to clients, and no access log lines carrying query
-    strings (they may hold secrets)."""
+    strings (they may hold secrets).
+
+    With ``stats`` (a getcertd.stats.Stats) and ``endpoint`` (request path bytes -> a short label), each answer's
+    latency and status code are counted.
+    """
     displayTracebacks = False
+    stats = None
+    endpoint = staticmethod(lambda path: "other")
+
+    def getResourceFor(self, request):
+        if self.stats is not None:
+            request.getcertd_started = self.stats.clock.seconds()
+        return super().getResourceFor(request)
 
     def log(self, request):
-        pass
+        started = getattr(request, "getcertd_started", None)
+        if started is not None and self.stats is not None:
+            self.stats.observe_request(self.endpoint(request.path), request.code,
+                                       self.stats.clock.seconds() - started)
