@@ -416,6 +416,37 @@ def listener_service(protocol: "RadiusClientProtocol") -> internet.UDPServer:
     return internet.UDPServer(0, protocol, interface=protocol.settings.listen_interface)
 
 
+class _LogLimit:
+    """At most ``burst`` log lines of one kind per ``interval`` seconds; the others are counted.
+
+    Anyone who can reach the client's UDP port can send it datagrams, with any source address (a configured
+    server's too): a warning for each dropped datagram would let them fill the disk with log lines as fast as
+    they can send. The counters of :meth:`RadiusClientProtocol.status` still count every datagram.
+    """
+
+    def __init__(self, clock: IReactorTime, burst: int = 10, interval: float = 10.0):
+        self.clock, self.burst, self.interval = clock, burst, interval
+        self._start: Optional[float] = None
+        self._logged = 0
+        self.suppressed = 0  # not logged since the last line that was
+
+    def allow(self) -> Optional[int]:
+        """None if this line must not be logged; else how many were not logged before it."""
+        now = self.clock.seconds()
+        if self._start is None or now - self._start >= self.interval:
+            self._start, self._logged = now, 0
+        if self._logged >= self.burst:
+            self.suppressed += 1
+            return None
+        self._logged += 1
+        suppressed, self.suppressed = self.suppressed, 0
+        return suppressed
+
+
+def _more(suppressed: int) -> str:
+    return f" ({suppressed} more dropped before this one were not logged)" if suppressed else ""
+
+
 def _label(address: Tuple[str, int]) -> str:
     host, port = address
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -501,6 +532,8 @@ class RadiusClientProtocol(DatagramProtocol):
         self._servers = [_Server(address, random_bytes(1)[0]) for address in settings.servers]
         self._by_address = {server.address: server for server in self._servers}
         self.unknown_source_dropped = 0
+        self._unknown_source_log = _LogLimit(clock)
+        self._drop_log = _LogLimit(clock)
         self._running = False
         self.rtt_observer = None  # rtt_observer(server label, seconds) for each verified reply (metrics)
 
@@ -518,6 +551,11 @@ class RadiusClientProtocol(DatagramProtocol):
             server.waiting.clear()
         for request in requests:
             self._fail(request, AuthUnavailable("RADIUS client stopped"))
+        for limit, what in ((self._unknown_source_log, "datagrams from unknown sources"),
+                            (self._drop_log, "replies from RADIUS servers")):
+            if limit.suppressed:
+                log.warn("{count} more dropped {what} were not logged", count=limit.suppressed, what=what)
+                limit.suppressed = 0
 
     def datagramReceived(self, data: bytes, addr):
         try:
@@ -527,7 +565,10 @@ class RadiusClientProtocol(DatagramProtocol):
         server = self._by_address.get(source)
         if server is None:
             self.unknown_source_dropped += 1
-            log.warn("Dropped a datagram from {source}: not a configured RADIUS server", source=addr)
+            suppressed = self._unknown_source_log.allow()
+            if suppressed is not None:
+                log.warn("Dropped a datagram from {source}: not a configured RADIUS server{more}", source=addr,
+                         more=_more(suppressed))
             return
         if len(data) < HEADER_LENGTH:
             self._drop(server, None, "shorter than a RADIUS header")
@@ -733,8 +774,10 @@ class RadiusClientProtocol(DatagramProtocol):
 
     def _drop(self, server: _Server, identifier: Optional[int], reason: str):
         server.dropped += 1
-        log.warn("Dropped a reply from RADIUS server {server} (identifier {identifier}): {reason}",
-                 server=server.label, identifier=identifier, reason=reason)
+        suppressed = self._drop_log.allow()
+        if suppressed is not None:
+            log.warn("Dropped a reply from RADIUS server {server} (identifier {identifier}): {reason}{more}",
+                     server=server.label, identifier=identifier, reason=reason, more=_more(suppressed))
 
 
 # ---------------------------------------------------------------------------------------------------

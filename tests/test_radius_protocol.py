@@ -631,3 +631,38 @@ def test_queued_time_shortens_the_wait_without_marking_a_server_dead():
 
 def transmitted_to(transport, address):
     return [parse_request(data) for data, to in transport.written if to == address]
+
+
+def test_a_datagram_flood_is_counted_but_not_logged_line_by_line():
+    """Anyone can send the client's UDP port datagrams, with a configured server's address as source too: each
+    used to log a warning, so a flood filled the disk with log lines at the rate it was sent (50,000 datagrams:
+    1 MB of log). At most 10 lines a kind per 10 s now; the counters still count every one, and the number not
+    logged is said in the next line that is, or when the client stops."""
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        proto, clock, transport = make(timeout=30)
+        out = results(proto.access_request("u", b"pw"))
+        datagram = transport.written[0][0]
+        for i in range(5000):  # 5,000 forged replies and 5,000 datagrams from elsewhere in 5 s
+            proto.datagramReceived(bad_mac_reply(datagram), A)
+            proto.datagramReceived(b"\x02\x00\x00\x14" + bytes(16), ("203.0.113.9", 1812 + i))
+            if i % 1000 == 999:
+                clock.advance(1)
+        lines = [formatEvent(e) for e in events if e.get("log_namespace") == "getcertd.radius"]
+        assert len(lines) == 20
+        clock.advance(5)  # a new window: the next line says how many were not logged
+        proto.datagramReceived(bad_mac_reply(datagram), A)
+        proto.datagramReceived(reply_to(datagram, ACCESS_ACCEPT), A)
+        assert out[0].code == ACCESS_ACCEPT  # the real answer still gets through
+        for _ in range(101):
+            proto.datagramReceived(b"junk", ("203.0.113.9", 9))
+        proto.doStop()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert server_status(proto)["dropped"] == 5001 and proto.status()["unknown_source_dropped"] == 5101
+    lines = [formatEvent(e) for e in events if e.get("log_namespace") == "getcertd.radius"]
+    assert len(lines) == 20 + 1 + 10 + 1
+    assert lines[20].endswith(": bad Message-Authenticator (4990 more dropped before this one were not logged)")
+    assert lines[21].endswith("not a configured RADIUS server (4990 more dropped before this one were not logged)")
+    assert lines[-1] == "91 more dropped datagrams from unknown sources were not logged"
