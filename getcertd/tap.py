@@ -263,6 +263,7 @@ class Appliance(service.MultiService):
     def stopService(self):
         service.Service.stopService(self)
         d = defer.succeed(None)
+        failed = []
         for child in reversed(list(self)):
             d.addCallback(lambda _, c=child: c.stopService())
             d.addErrback(lambda f, c=child: (failed.append(c.name), log.failure("stopping {name}", f, name=c.name)))
@@ -271,4 +272,3 @@ class Appliance(service.MultiService):
             if not failed and getattr(self._reactor, "_exitSignal", None) is not None:
                 self._reactor._exitSignal = None  # read by twistd's ApplicationRunner after reactor.run returns
         return d.addCallback(stopped)
-        failed = []
