@@ -669,6 +669,8 @@ def _fast_signed_structure(der) -> Optional[_ParsedSigned]:
             return None
         signature_params = None
         if len(signature_alg) == 2:
+            if signature_alg[1][0] not in (0x05, 0x30):  # NULL or RSASSA-PSS parameters; asn1crypto judges the
+                return None  # rest (e.g. refuses universal tag 0, which scripts/fuzz scep-diff put there)
             signature_params = der[signature_alg[1][3]:signature_alg[1][2]]
         # signed attributes: each value as asn1crypto's universal type, like _read_attributes
         as_received = b"\x31" + der[si[3][3] + 1:si[3][2]]
@@ -693,7 +695,8 @@ def _fast_signed_structure(der) -> Optional[_ParsedSigned]:
             signature_params=signature_params, signature=der[si[5][1]:si[5][2]],
             signed_attrs_candidates=(as_received,) if as_sorted == as_received else (as_received, as_sorted),
             attrs=attrs, econtent_type=econtent_type, content=content, signing_time=signing_time)
-    except (ValueError, IndexError, TypeError, MalformedRequest):
+    except (ValueError, IndexError, TypeError, MalformedRequest, x509.InvalidVersion):
+        # InvalidVersion (not a ValueError): a certificate with version 18 in it, found by scripts/fuzz scep-diff
         return None
 
 

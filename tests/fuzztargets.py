@@ -32,6 +32,7 @@ TYPED = {
     "query": (MalformedRequest, web.HttpError),
     "radius": (radius.BadReply,),
     "config": (ConfigError,),
+    "scep-diff": (),  # a typed error from the asn1crypto path where the fast path accepted is a disagreement
     "selftest": (),
 }
 
@@ -205,7 +206,8 @@ def config_seeds():
     }
 
 
-SEEDS = {"scep": scep_seeds, "query": query_seeds, "radius": radius_seeds, "config": config_seeds,
+SEEDS = {"scep": scep_seeds, "scep-diff": scep_seeds, "query": query_seeds, "radius": radius_seeds,
+         "config": config_seeds,
          "selftest": lambda: {"fine": b"fine"}}
 
 
@@ -313,11 +315,43 @@ def config_target(data: bytes) -> None:
     _try(TYPED["config"], config.parse_config, data.decode("utf-8", "replace"), "fuzz.ini", _read_file)
 
 
+def _signed_fields(parsed):
+    out = {k: getattr(parsed, k) for k in parsed.__dataclass_fields__}
+    out["attrs"] = {oid: [v.dump() for v in values] for oid, values in parsed.attrs.items()}
+    return out
+
+
+def scep_diff_target(data: bytes) -> None:
+    """Differential: whatever getcertd.scep's fast DER walkers accept, the asn1crypto path accepts too and
+    reads the same (the property of tests/test_scep_der.py, under coverage guidance). A disagreement is an
+    AssertionError, i.e. a crash. The input is tried as a SignedData and as an EnvelopedData."""
+    _, ra_cert = ra()
+    fast = scep._fast_signed_structure(data)
+    if fast is not None:
+        original = scep._fast_signed_structure
+        scep._fast_signed_structure = lambda _der: None
+        try:
+            slow = scep._parse_signed_structure(data)
+        finally:
+            scep._fast_signed_structure = original
+        assert _signed_fields(fast) == _signed_fields(slow), "fast and asn1crypto SignedData paths differ"
+    for allow_des in (False, True):
+        fast = scep._fast_envelope_structure(data, allow_des, ra_cert)
+        if fast is None:
+            continue
+        slow = scep._parse_envelope_structure(data, allow_des)
+        asn1_cert = scep._asn1_cert(ra_cert)
+        assert all(scep._rid_matches(r[0], asn1_cert) for r in slow[5]), "a recipient the fast path took as ours"
+        assert fast[:5] == slow[:5], "fast and asn1crypto EnvelopedData paths differ"
+        assert [(type(p), k) for _, p, k in fast[5]] == [(type(p), k) for _, p, k in slow[5]], \
+            "fast and asn1crypto EnvelopedData recipients differ"
+
+
 def selftest_target(data: bytes) -> None:
     """A target with a planted fault, for tests/test_fuzz.py to check that a crash is caught and saved."""
     if data.startswith(b"CRASH"):
         raise IndexError("planted fault")
 
 
-TARGETS = {"scep": scep_target, "query": query_target, "radius": radius_target, "config": config_target,
-           "selftest": selftest_target}
+TARGETS = {"scep": scep_target, "scep-diff": scep_diff_target, "query": query_target, "radius": radius_target,
+           "config": config_target, "selftest": selftest_target}

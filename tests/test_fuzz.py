@@ -1,6 +1,6 @@
-"""Bounded coverage-guided fuzzing runs of scripts/fuzz (atheris) for CI: 30 s on the CMS parser, 10 s on
-each of the others, from the generated seed corpus. A crash (any exception other than the target's typed
-errors) fails the test, names the saved input, and belongs in tests/test_fuzz_regressions.py with a fix.
+"""Bounded coverage-guided fuzzing runs of scripts/fuzz (atheris) for CI: 30 s on the CMS parser, 15 s on the
+differential check of its fast DER walkers, 10 s on each of the others, from the generated seed corpus. A
+crash (any exception other than the target's typed errors) fails the test, names the saved input, and belongs in tests/test_fuzz_regressions.py with a fix.
 
 The long run is by hand: `scripts/fuzz scep -runs=1000000` (see SECURITY.md for the last figures).
 """
@@ -37,7 +37,7 @@ def fuzz(tmp_path, target, *options):
 
 
 @pytest.mark.parametrize("target, seconds, minimum_runs", [
-    ("scep", 30, 5000), ("query", 10, 20000), ("radius", 10, 5000), ("config", 10, 3000)])
+    ("scep", 30, 5000), ("scep-diff", 15, 5000), ("query", 10, 20000), ("radius", 10, 5000), ("config", 10, 3000)])
 def test_bounded_fuzz_run_finds_no_crash(tmp_path, target, seconds, minimum_runs):
     p, crashes, runs, rate, cov = fuzz(tmp_path, target, f"-max_total_time={seconds}")
     print(f"fuzz {target}: {runs} runs in {seconds} s ({rate}/s), coverage {cov} edges, {len(crashes)} crashes")

@@ -58,3 +58,40 @@ def test_non_utf8_escape_in_a_get_is_400_not_500(appliance_factory):
                                       cafile=app.ca_pem)
     assert status == 400, body
     assert "Traceback" not in app.log() and "Unhandled" not in app.log()
+
+
+# scripts/fuzz scep-diff (the fast DER walkers of getcertd.scep against the asn1crypto path), two findings in
+# the SignedData fast path, rebuilt here from a valid message with the tree editor of tests/test_properties.py.
+
+def _edited_pkcs_req(edit):
+    from test_properties import encode, parse_tree
+    tree = parse_tree(fuzztargets.scep_seeds()["pkcsreq-aes128"])
+    edit(tree.children[1].children[0])  # the SignedData
+    return encode(tree)
+
+
+def _certificate_version_18(signed_data):
+    # crash-a7dbf35f...: the included certificate says version 18. cryptography raises x509.InvalidVersion,
+    # which is no ValueError: it escaped _fast_signed_structure (parse_signed's guard still made it a
+    # MalformedRequest). Fixed: the fast path hands it to asn1crypto.
+    signed_data.children[3].children[0].children[0].children[0].children[0].value = b"\x12"
+
+
+def _signature_parameters_tag_0(signed_data):
+    # crash-1d3c8d93...: signatureAlgorithm parameters with universal tag 0 (00 00). The fast path took the
+    # message, which asn1crypto refuses ("Unknown element"); the parameters of rsaEncryption are not read, so
+    # the fast path accepted more than it may. Fixed: it takes NULL or a SEQUENCE there, else gives way.
+    from test_properties import Node
+    signature_algorithm = signed_data.children[-1].children[0].children[4]
+    signature_algorithm.children[1] = Node(b"\x00", None, b"")
+
+
+@pytest.mark.parametrize("edit", [_certificate_version_18, _signature_parameters_tag_0])
+def test_fast_signed_structure_gives_way(edit):
+    from getcertd import scep
+    der = _edited_pkcs_req(edit)
+    assert scep._fast_signed_structure(der) is None
+    with pytest.raises(MalformedRequest):
+        scep.parse_signed(der)
+    fuzztargets.TARGETS["scep-diff"](der)
+    fuzztargets.TARGETS["scep"](der)
