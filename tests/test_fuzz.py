@@ -1,6 +1,7 @@
 """Bounded coverage-guided fuzzing runs of scripts/fuzz (atheris) for CI: 30 s on the CMS parser, 15 s on the
 differential check of its fast DER walkers, 10 s on each of the others, from the generated seed corpus. A
-crash (any exception other than the target's typed errors) fails the test, names the saved input, and belongs in tests/test_fuzz_regressions.py with a fix.
+crash (any exception other than the target's typed errors) fails the test, names the saved input, and
+belongs in tests/test_fuzz_regressions.py with a fix.
 
 The long run is by hand: `scripts/fuzz scep -runs=1000000` (see SECURITY.md for the last figures).
 """
