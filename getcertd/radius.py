@@ -517,7 +517,8 @@ class RadiusClientProtocol(DatagramProtocol):
     spent waiting for a free identifier included. Servers marked dead are tried only after those up.
     A reply is trusted only if it comes from the server's address and port, for an identifier in
     flight, with the right Response Authenticator and Message-Authenticator (see
-    :func:`decode_reply`); anything else is dropped, counted and logged, and the request keeps waiting.
+    :func:`decode_reply`); anything else is dropped, counted and logged (:class:`_LogLimit`: at most
+    10 lines a kind per 10 s), and the request keeps waiting.
     When all 256 identifiers of a server are in flight, requests wait in a queue (at most
     ``max_queued``, beyond that they fail with AuthUnavailable; a request still waiting at its bound
     fails with AuthUnavailable too).
