@@ -14,6 +14,9 @@ from twisted.web import http, server
 log = Logger()
 
 MAX_BODY = 2 * 1024 * 1024  # request bodies
+# Request lines and bodies held at once, all connections of a site together: a request waiting for its answer
+# (RADIUS slow or down: seconds) holds about twice its body, so max_connections x MAX_BODY would be gigabytes.
+MAX_HELD = 64 * 1024 * 1024
 MAX_URI = 256 * 1024  # the request line; real SCEP GET messages are a few KiB
 MAX_HEADER_BYTES = MAX_URI + 16 * 1024
 MAX_HEADERS = 100
@@ -35,6 +38,7 @@ class GuardedChannel(http.HTTPChannel):
     _deadline = None
     _rejected = False
     _body_bytes = 0
+    _held = 0  # bytes of the current request counted in the site's ``held``
     _counted = False
     _between_requests = False
 
@@ -56,13 +60,28 @@ class GuardedChannel(http.HTTPChannel):
         log.info("cut off a client that did not send a whole request in {t:.0f} s", t=self.request_timeout)
         self._reject(408, "Request Timeout", f"the request did not arrive within {self.request_timeout:.0f} s")
 
-    def _reject(self, code, reason, text):
+    def _reject(self, code, reason, text, extra=b""):
         if self._rejected:
             return
         self._rejected = True
         self._disarm()
-        self.transport.write(_canned(code, reason, text))
+        self.transport.write(_canned(code, reason, text, extra))
         self.transport.loseConnection()
+
+    def _hold(self, n) -> bool:
+        """Count ``n`` more bytes of this request against the site's budget; False (and a 503) past it."""
+        self._held += n
+        self.factory.held += n
+        if self.factory.held > self.factory.max_held:
+            self.factory.refused_busy += 1
+            self._reject(503, "Service Unavailable", "too many requests in progress; try again shortly",
+                         b"Retry-After: 5\r\n")
+            return False
+        return True
+
+    def _release(self):
+        self.factory.held -= self._held
+        self._held = 0
 
     def dataReceived(self, data):
         if self._rejected:
@@ -85,6 +104,8 @@ class GuardedChannel(http.HTTPChannel):
         if self.length is not None and self.length > MAX_BODY:
             self._reject(413, "Payload Too Large", f"request body too large (limit {MAX_BODY} bytes)")
             return
+        if not self._hold(len(getattr(self, "_path", b"") or b"")):  # the request line: a GET message is in it
+            return
         super().allHeadersReceived()
 
     def body_chunk(self, data) -> bool:
@@ -100,7 +121,7 @@ class GuardedChannel(http.HTTPChannel):
         if self._body_bytes > MAX_BODY:
             self._reject(413, "Payload Too Large", f"request body too large (limit {MAX_BODY} bytes)")
             return False
-        return True
+        return self._hold(len(data))
 
     def allContentReceived(self):
         if self._rejected:
@@ -111,11 +132,13 @@ class GuardedChannel(http.HTTPChannel):
 
     def requestDone(self, request):
         self.factory.processing -= 1
+        self._release()
         super().requestDone(request)
         self._between_requests = True  # waiting is idle_timeout's business until a byte arrives
 
     def connectionLost(self, reason):
         self._disarm()
+        self._release()
         if self._counted:
             self._counted = False
             self.factory.connection_closed()
@@ -141,11 +164,13 @@ class Overloaded(protocol.Protocol):
 
 
 class GuardedSite(server.Site):
-    """A Site whose channels are GuardedChannels, at most ``max_connections`` at a time."""
+    """A Site whose channels are GuardedChannels, at most ``max_connections`` at a time, holding at most
+    ``max_held`` bytes of request lines and bodies at a time (past it: 503 with Retry-After)."""
     protocol = GuardedChannel
     requestFactory = GuardedRequest
 
-    def __init__(self, resource, max_connections=1000, request_timeout=30.0, idle_timeout=60.0, **kw):
+    def __init__(self, resource, max_connections=1000, request_timeout=30.0, idle_timeout=60.0, max_held=MAX_HELD,
+                 **kw):
         # getcertd reads request bodies raw (SCEP, EST), never as HTML forms: without this, every POST with a
         # Content-Type has it parsed with the email package (about a third of twisted.web's time per request).
         if "parsePOSTFormSubmission" in inspect.signature(server.Site.__init__).parameters:
@@ -156,6 +181,9 @@ class GuardedSite(server.Site):
         self.active = 0
         self.refused = 0
         self.processing = 0  # requests received whole and not yet answered
+        self.max_held = max_held
+        self.held = 0  # bytes of request lines and bodies of the requests in progress
+        self.refused_busy = 0
 
     def buildProtocol(self, addr):
         if self.active >= self.max_connections:

@@ -5,7 +5,7 @@ import time
 
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.web import resource
+from twisted.web import resource, server
 
 from getcertd.httpguard import MAX_BODY, GuardedSite
 
@@ -134,3 +134,50 @@ def test_drain_waits_for_requests_in_progress_within_a_bound():
     for _ in range(110):
         clock.advance(0.05)
     assert fired
+
+
+class _Held(resource.Resource):
+    """Answers nothing until told: requests stay in progress, as while RADIUS is slow."""
+    isLeaf = True
+
+    def __init__(self):
+        super().__init__()
+        self.requests = []
+
+    def render(self, request):
+        self.requests.append(request)
+        return server.NOT_DONE_YET
+
+
+def test_bytes_held_by_requests_in_progress_are_capped_on_a_clock():
+    """Requests waiting for their answer (RADIUS slow or down: seconds) hold about twice their body; with 2 MiB
+    bodies, 100 of them held 440 MiB (tests/test_load_faults), and max_connections of them would hold
+    gigabytes. Past max_held bytes of request lines and bodies, a request gets a 503 with Retry-After."""
+    clock = Clock()
+    held = _Held()
+    site = GuardedSite(held, max_held=1000 * 1000, reactor=clock)
+    post = b"POST /scep?operation=PKIOperation HTTP/1.1\r\nHost: x\r\nContent-Length: 600000\r\n\r\n"
+    first, tr1 = _channel(site, clock)
+    first.dataReceived(post + b"x" * 600000)
+    assert len(held.requests) == 1 and site.held == 600000 + len(b"/scep?operation=PKIOperation")
+    second, tr2 = _channel(site, clock)
+    second.dataReceived(post + b"x" * 600000)
+    assert tr2.value().startswith(b"HTTP/1.1 503") and b"Retry-After: 5" in tr2.value() and tr2.disconnecting
+    assert len(held.requests) == 1 and site.refused_busy == 1
+    second.connectionLost(None)  # its bytes are given back with the connection
+    assert site.held == 600000 + len(b"/scep?operation=PKIOperation")
+    held.requests[0].write(b"done")
+    held.requests[0].finish()  # the first is answered: its bytes are given back
+    assert site.held == 0
+    third, tr3 = _channel(site, clock)
+    third.dataReceived(post + b"x" * 600000)
+    assert len(held.requests) == 2 and not tr3.value()
+    third.connectionLost(None)
+    assert site.held == 0
+    # a long request line counts too (a GET message is in it)
+    site = GuardedSite(held, max_held=100 * 1000, reactor=clock)
+    fourth, tr4 = _channel(site, clock)
+    fourth.dataReceived(b"GET /scep?operation=PKIOperation&message=" + b"A" * 200000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert tr4.value().startswith(b"HTTP/1.1 503") and len(held.requests) == 2
+    fourth.connectionLost(None)
+    assert site.held == 0

@@ -295,6 +295,61 @@ def test_radius_down_with_more_requests_than_identifiers(workdir, template, pool
     assert "Traceback" not in app.log()
 
 
+def _big_signer(key, size):
+    """A self-signed requester certificate carrying ``size`` octets in an extension (a message near the 2 MiB cap)."""
+    import datetime
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "big")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    value = b"\x04\x83" + size.to_bytes(3, "big") + b"A" * size
+    return (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.55555.1"), value), False)
+            .sign(key, hashes.SHA256()))
+
+
+BIG_REQUESTS, BIG_RSS_LIMIT_MIB = 150, 320
+
+
+def test_big_requests_while_radius_is_down_hold_bounded_memory(workdir, template, keys, radius):
+    """150 requests of 1.9 MB at once while RADIUS is down: each waits the bound holding about twice its body,
+    which took 437 MiB for 100 of them. The bytes held by requests in progress are capped (httpguard.MAX_HELD):
+    past it a 503 with Retry-After. Every answer is a 503, memory stays under the limit."""
+    from loadgen import Message
+    from scepclient import csr_der
+    proxy = FaultProxy(radius.address, radius.secret, ports=1).start()
+    app = appliance(workdir, template, "radius-down-big", radius_sections(workdir, radius, proxy.servers))
+    try:
+        app.start()
+        requester = Requester(template[1], key=keys[0], signer=_big_signer(keys[0], 1900 * 1000))
+        inner = csr_der(keys[0])
+        messages = []
+        for _ in range(BIG_REQUESTS):
+            der = requester.message(transaction_id=secrets.token_hex(16).upper(), inner=inner)
+            messages.append(Message(requester, requester.tid, requester.nonce, der))
+        proxy.set_mode("down")
+        with Sampler(app.proc.pid, 0.1) as sampler:
+            report = run_load(app.port, app.ca_pem, messages, BIG_REQUESTS, 30.0,
+                              lambda w: basic_header("alice", "alice-pass"), timeout=30, preconnect=True, per_worker=1)
+            time.sleep(0.5)
+        assert app.stop() == 0
+    finally:
+        proxy.stop()
+        app.stop()
+    kinds = collections.Counter(r.body.split(b";")[0].decode() if r.outcome == "503" else r.outcome
+                                for r in report.results)
+    figures = {"requests": len(report.results), "message_bytes": len(messages[0].der), "answers": dict(kinds),
+               "latency": summary([r.elapsed for r in report.results]),
+               "rss_mib": [round(sampler.samples[0][1] / 1024, 1), round(sampler.peak_rss() / 1024, 1)]}
+    _figures("radius-down-big-requests", figures)
+    assert report.outcomes() == {"503": BIG_REQUESTS}, kinds
+    assert all(r.headers.get("retry-after") for r in report.results)
+    assert sampler.peak_rss() < BIG_RSS_LIMIT_MIB * 1024, figures
+    assert "Traceback" not in app.log()
+
+
 # ---------------------------------------------------------------------------------------------------
 # 2. 200 enrolling TLS clients beside 1,000 idle connections
 # ---------------------------------------------------------------------------------------------------
