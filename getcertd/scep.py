@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 from typing import Callable, Iterable, Optional, Sequence
 
+from asn1crypto import parser as _ber_parser
 from asn1crypto import algos, cms, core
 from asn1crypto import csr as asn1_csr
 from asn1crypto import x509 as asn1_x509
@@ -1088,8 +1089,8 @@ def _parse_envelope_structure(der: bytes, allow_des: bool):
     iv = algorithm["parameters"]
     if not isinstance(iv, core.OctetString) or len(iv.native) != block:
         raise MalformedRequest(f"{cipher} content cipher needs a {block}-byte IV")
-    encrypted = encrypted_info["encrypted_content"]
-    if _is_absent(encrypted):
+    encrypted = _encrypted_content(encrypted_info)
+    if encrypted is None:
         raise MalformedRequest("EnvelopedData has no encrypted content")
 
     recipients = []
@@ -1108,7 +1109,50 @@ def _parse_envelope_structure(der: bytes, allow_des: bool):
         recipients.append((rid, pad, ktri["encrypted_key"].native))
     if not recipients:
         raise ScepFailure(FailInfo.badAlg, unsupported)
-    return cipher, key_length, block, iv.native, _octets(encrypted), recipients
+    return cipher, key_length, block, iv.native, encrypted, recipients
+
+
+def _encrypted_content(encrypted_info) -> Optional[bytes]:
+    """The encryptedContent octets, also in the constructed (BER) form that micromdm's scepclient sends
+    ([0] constructed holding OCTET STRING chunks), which asn1crypto refuses for an implicitly tagged field."""
+    try:
+        encrypted = encrypted_info["encrypted_content"]
+        return None if _is_absent(encrypted) else _octets(encrypted)
+    except ValueError:
+        pass
+    try:
+        children = _ber_children(encrypted_info.contents)
+        if len(children) < 3 or children[2][0] != 2 or children[2][2] != 0:
+            return None
+        return _ber_chunks(children[2], depth=0)
+    except ValueError as exc:
+        raise MalformedRequest(f"EnvelopedData encryptedContent: {_one_line(exc)}") from None
+
+
+def _ber_children(contents: bytes) -> list:
+    # asn1crypto.parser._parse walks with a pointer (linear); its public parse() would need a copy per child
+    pointer, children = 0, []
+    while pointer < len(contents):
+        if len(children) >= 10000:
+            raise ValueError("too many elements")
+        info, pointer = _ber_parser._parse(contents, len(contents), pointer)
+        children.append(info)
+    return children
+
+
+def _ber_chunks(info, depth: int) -> bytes:
+    """The octets of a possibly constructed OCTET STRING from asn1crypto.parser's (class, method, tag,
+    header, contents, trailer) tuple; nested chunks at most 8 deep."""
+    if info[1] == 0:
+        return info[4]
+    if depth > 8:
+        raise ValueError("constructed OCTET STRING nested too deeply")
+    out = []
+    for chunk in _ber_children(info[4]):
+        if chunk[0] != 0 or chunk[2] != 4:
+            raise ValueError("a constructed OCTET STRING holds something else")
+        out.append(_ber_chunks(chunk, depth + 1))
+    return b"".join(out)
 
 
 _rid_matches_guarded = _guard("recipientInfo")(_rid_matches)
