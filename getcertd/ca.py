@@ -22,12 +22,14 @@ EKU_BY_NAME = {
 
 
 def generate_key(key_type: str):
-    """A new private key: rsa2048, rsa3072, rsa4096, ec-p256, ec-p384."""
+    """A new private key: rsa2048, rsa3072, rsa4096, ec-p256, ec-p384, ed25519."""
     if key_type.startswith("rsa"):
         return rsa.generate_private_key(public_exponent=65537, key_size=int(key_type[3:]))
     curves = {"ec-p256": ec.SECP256R1(), "ec-p384": ec.SECP384R1()}
     if key_type in curves:
         return ec.generate_private_key(curves[key_type])
+    if key_type == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
     raise ValueError(f"unknown key type {key_type!r}")
 
 

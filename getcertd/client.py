@@ -403,7 +403,7 @@ def main(argv=None):
     trust.add_argument("--cafile", help="PEM file of the CA to trust")
     trust.add_argument("--ca-fingerprint", help="sha256:HEX of the CA certificate to trust")
     e.add_argument("--out", required=True, help="directory for key.pem, cert.pem, ca.pem")
-    e.add_argument("--key-type", default="rsa2048", choices=["rsa2048", "rsa3072", "ec-p256", "ec-p384"])
+    e.add_argument("--key-type", default="rsa2048", choices=["rsa2048", "rsa3072", "ec-p256", "ec-p384", "ed25519"])
     e.add_argument("--p12", action="store_true",
                    help="also write DIR/getcert.p12; its password is the next line of standard input (or asked)")
     e.add_argument("--swanctl", metavar="GATEWAY",

@@ -217,3 +217,14 @@ def test_start_up_problems_are_one_line_without_traceback(tmp_path):
                        capture_output=True, text=True, timeout=60, cwd=tmp_path)
     out = p.stdout + p.stderr
     assert p.returncode != 0 and "unknown section [nosuch]" in out and "Traceback" not in out, out
+
+
+@pytest.mark.parametrize("key_type,expect", [("ec-p384", "secp384r1"), ("ed25519", "ed25519")])
+def test_getcert_other_key_types(app, tmp_path, key_type, expect):
+    p = app.getcert("alice", ["alice pass"], tmp_path / key_type, "--key-type", key_type)
+    assert p.returncode == 0, p.stderr
+    cert = x509.load_pem_x509_certificate((tmp_path / key_type / "cert.pem").read_bytes())
+    key = cert.public_key()
+    assert getattr(getattr(key, "curve", None), "name", "ed25519") == expect
+    v = openssl("verify", "-CAfile", app.ca_pem, str(tmp_path / key_type / "cert.pem"))
+    assert v.returncode == 0
