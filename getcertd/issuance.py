@@ -172,6 +172,63 @@ class IssuanceLog:
             self.cache_der(serial, der)
         return record
 
+    def add_many(self, records: list) -> None:
+        """add() each record in order (no DER), faster: journal replay adds a million at start.
+
+        The same indexes, string sharing and error as one add() after another: a serial already in the log (or
+        twice in ``records``) is a ValueError, with the records before it added. The serial and transactionID
+        indexes are filled by dict.update; the loop does the rest of add() (kept in step with it by
+        tests/test_issuance.py).
+        """
+        by_serial = self._by_serial
+        serials = [r.serial for r in records]
+        if len(set(serials)) != len(serials) or not by_serial.keys().isdisjoint(serials):
+            for record in records:  # a duplicate: one by one, so that the error is about the first of them
+                self.add(record)
+            return
+        by_serial.update(zip(serials, records))
+        self._by_tid.update(zip(map(_tid_of, records), records))
+        by_user = self._by_user
+        expiry = self._expiry
+        revoked = self._revoked
+        intern = _intern
+        for record in records:
+            user = record.user
+            previous = by_user.get(user)
+            if previous is None:
+                record.user = user = intern(user)
+                by_user[user] = [record]
+                record.profile = intern(record.profile)
+                record.key_type = intern(record.key_type)
+                record.auth_method = intern(record.auth_method)
+                record.client = intern(record.client)
+            else:
+                prev = previous[-1]
+                previous.append(record)
+                record.user = prev.user
+                value, shared = record.profile, prev.profile
+                record.profile = shared if value == shared else intern(value)
+                value, shared = record.key_type, prev.key_type
+                record.key_type = shared if value == shared else intern(value)
+                value, shared = record.auth_method, prev.auth_method
+                record.auth_method = shared if value == shared else intern(value)
+                value, shared = record.client, prev.client
+                record.client = shared if value == shared else intern(value)
+                if record.subject == prev.subject:
+                    record.subject = prev.subject
+                if record.san == prev.san:
+                    record.san = prev.san
+            if record.issued_at == record.not_before:
+                record.issued_at = record.not_before
+            bucket = record.not_after // _BUCKET
+            expiring = expiry.get(bucket)
+            if expiring is None:
+                expiry[bucket] = [record]
+            else:
+                expiring.append(record)
+            if record.revoked_at is not None:
+                revoked[record.serial] = record
+
     def cache_der(self, serial: int, der: bytes):
         """Remember a certificate's DER among the ``der_cache_size`` most recent."""
         if self._der_cache_size <= 0:
@@ -307,3 +364,7 @@ class IssuanceLog:
 
 def _serial_of(record):
     return record.serial
+
+
+def _tid_of(record):
+    return record.transaction_id

@@ -9,7 +9,8 @@ One event per line, ASCII, ``\\n``-terminated::
 trailing newline, or not JSON) is what a crash during a write leaves: that event was never acknowledged, so it
 is skipped with a warning, and :class:`Journal` truncates it away before it appends again. Any other bad line
 is corruption and raises :class:`~getcertd.errors.ConfigError` naming the file and line. Issue lines in the
-layout this module writes are parsed without json.loads (about twice as fast; see ``_fast_issue``).
+layout this module writes are parsed without json.loads (one regular expression; see ``_fast_issue``) and added to
+the log in batches (:meth:`~getcertd.issuance.IssuanceLog.add_many`).
 
 :class:`Journal` acknowledges an event (fires the Deferred of :meth:`Journal.append`) only after its line is
 written and fsynced. Writes run in a dedicated one-thread pool so the reactor never waits on the disk, and
@@ -23,8 +24,8 @@ import base64
 import gc
 import json
 import os
+import re
 from array import array
-from operator import itemgetter
 
 from twisted.application import service
 from twisted.internet import defer, threads
@@ -71,54 +72,35 @@ def replay(path: str, log) -> int:
     return _replay(path, log)[0]
 
 
-# The replay fast path. Lines written by encode_event(issue_event(...)) have a fixed layout, "der" last. In a
-# line of printable ASCII without a backslash no string holds a quote, so splitting the part before "der" on
-# quotes puts every value at a fixed position, and the other positions must hold exactly the layout's keys
-# and punctuation. Anything else (escapes, another layout, a revoke event) goes to json.loads, the reference.
-# (The base64 DER is not looked at here; it is checked when it is read back.)
+# The replay fast path. Lines written by encode_event(issue_event(...)) have a fixed layout, "der" last. One
+# compiled regular expression reads the part before the DER when every string in it is printable ASCII without
+# a quote or a backslash (so it holds no escape) and every number is unsigned; anything else (escapes, another
+# layout, a revoke event) goes to json.loads, the reference. (The base64 DER is not looked at here, beyond its
+# closing quote; it is checked when it is read back.) A quarter fewer instructions than splitting on quotes.
 _DER_KEY = b',"der":"'
+_STRING_FIELDS = ("user", "profile", "subject", "san", "key_type", "transaction_id", "client", "auth_method")
+_OPTIONAL_FIELDS = ("revoked_at", "revocation_reason")
+_ISSUE_LINE = re.compile(rb'\{"e":"issue"' + b"".join(
+    b',"' + name.encode() + b'":' + (rb'"([ !#-\[\]-~]*)"' if name in _STRING_FIELDS else
+                                     rb'(null|[0-9]+)' if name in _OPTIONAL_FIELDS else rb'([0-9]+)')
+    for name in Record.FIELDS) + re.escape(_DER_KEY))
 _CANONICAL = encode_event(issue_event(Record(1, "U", "P", "S", "X", "K", 2, 3, "T", "C", "A", 4), b""))
-_ISSUE_LAYOUT = _CANONICAL[:_CANONICAL.find(_DER_KEY)].decode("ascii").split('"')
-_STRINGS = (9, 13, 17, 21, 25, 33, 37, 41)  # user profile subject san key_type transaction_id client auth_method
-_NUMBERS = (6, 28, 30, 44)  # serial not_before not_after issued_at, as ":123,"
-_OPTIONAL = (46, 48)  # revoked_at revocation_reason, as ":null," / ":123," and ":null" / ":1"
-_FIXED = tuple(i for i in range(len(_ISSUE_LAYOUT)) if i not in _STRINGS + _NUMBERS + _OPTIONAL)
-_skeleton = itemgetter(*_FIXED)
-_SKELETON = _skeleton(_ISSUE_LAYOUT)
-_strings = itemgetter(*_STRINGS)
-_numbers = itemgetter(*_NUMBERS + _OPTIONAL)
-assert len(_ISSUE_LAYOUT) == 49 and [_ISSUE_LAYOUT[i] for i in _STRINGS] == list("UPSXKTCA")
-assert [_ISSUE_LAYOUT[i] for i in _NUMBERS + _OPTIONAL] == [":1,", ":2,", ":3,", ":4,", ":null,", ":null"]
-_PRINTABLE = bytes(range(0x20, 0x7F))
+assert _ISSUE_LINE.match(_CANONICAL).groups() == (b"1", b"U", b"P", b"S", b"X", b"K", b"2", b"3", b"T", b"C", b"A",
+                                                  b"4", b"null", b"null")
+_issue_match = _ISSUE_LINE.match
 
 
 def _fast_issue(line: bytes, offset: int):
     """A Record from a newline-terminated issue line in the canonical layout, or None."""
-    i = line.find(_DER_KEY)
-    if i < 0 or line.find(b'"', i + 8) != len(line) - 3 or line[-3:] != b'"}\n':
+    m = _issue_match(line)
+    if m is None or line[-3:] != b'"}\n' or line.find(b'"', m.end()) != len(line) - 3:
         return None
-    prefix = line[:i]
-    if b"\\" in prefix:
-        return None
-    try:
-        t = prefix.decode("ascii").split('"')
-    except UnicodeDecodeError:
-        return None
-    if len(t) != 49 or _skeleton(t) != _SKELETON:
-        return None
-    serial, not_before, not_after, issued_at, revoked_at, reason = _numbers(t)
-    serial, not_before, not_after, issued_at = serial[1:-1], not_before[1:-1], not_after[1:-1], issued_at[1:-1]
-    if not (serial + not_before + not_after + issued_at).isdigit():
-        return None
-    try:
-        serial, not_before, not_after, issued_at = int(serial), int(not_before), int(not_after), int(issued_at)
-        revoked_at = None if revoked_at == ":null," else int(revoked_at[1:-1])
-        reason = None if reason == ":null" else int(reason[1:])
-    except ValueError:  # an empty number, a sign...
-        return None
-    user, profile, subject, san, key_type, tid, client, auth = _strings(t)
-    return Record(serial, user, profile, subject, san, key_type, not_before, not_after, tid, client, auth,
-                  issued_at, revoked_at, reason, offset)
+    serial, user, profile, subject, san, key_type, not_before, not_after, tid, client, auth, issued_at, \
+        revoked_at, reason = m.groups()
+    return Record(int(serial), user.decode(), profile.decode(), subject.decode(), san.decode(), key_type.decode(),
+                  int(not_before), int(not_after), tid.decode(), client.decode(), auth.decode(), int(issued_at),
+                  None if revoked_at == b"null" else int(revoked_at), None if reason == b"null" else int(reason),
+                  offset)
 
 
 def _replay(path, log):
@@ -144,24 +126,39 @@ def _replay_file(f, path, log):
     offset = 0
     lineno = 0
     bad = None  # (lineno, reason) of an unparsable line: fatal unless it is the last one
-    add = log.add
     fast = _fast_issue
+    # Records of consecutive fast-path lines go to the log in batches (IssuanceLog.add_many); any other event
+    # first flushes the batch, so events apply in journal order.
+    batch = []
+    first = 0  # the line number of batch[0]
+
+    def flush():
+        try:
+            log.add_many(batch)
+        except ValueError as e:  # a serial already issued: add_many stopped at it
+            i = next(i for i, r in enumerate(batch) if log.get(r.serial) is not r)
+            raise ConfigError(f"journal {path}, line {first + i}: {e}") from None
+        batch.clear()
+
     for line in f:
         lineno += 1
         if bad is not None:
             raise ConfigError(f"journal {path}, line {bad[0]}: {bad[1]} (not the last line: the file is corrupt)")
-        record = fast(line, offset) if line[:12] == _ISSUE_PREFIX else None
+        record = fast(line, offset)
         if record is not None:
             if record.revoked_at is not None and record.revocation_reason not in CRL_REASONS:
                 raise ConfigError(f"journal {path}, line {lineno}: bad revocation reason")
-            try:
-                add(record)
-            except ValueError as e:
-                raise ConfigError(f"journal {path}, line {lineno}: {e}") from None
+            if not batch:
+                first = lineno
+            batch.append(record)
+            if len(batch) >= 4096:
+                flush()
         elif line[-1:] != b"\n":
             bad = (lineno, "no newline at the end")
             continue
         else:
+            if batch:
+                flush()
             try:
                 event = _loads(line)
             except ValueError as e:
@@ -170,6 +167,8 @@ def _replay_file(f, path, log):
             _apply(event, log, path, lineno, offset)
         count += 1
         offset += len(line)
+    if batch:
+        flush()
     if bad is not None:
         _torn(path, *bad)
     return count, offset

@@ -169,3 +169,61 @@ def test_memory_per_record_is_well_under_a_kibibyte():
         tracemalloc.stop()
     # Only the indexes here (the records were built above); a whole record was ~900 bytes at 1M.
     assert used / n < 400, used / n
+
+
+def _fresh(text):
+    return "".join(list(text))  # an equal string that is not the same object
+
+
+def _varied(n):
+    out = []
+    for i in range(n):
+        user = _fresh(f"user{i % 7}")
+        out.append(rec(1000 + i, user, T0 + i * 97, lifetime=(i % 5 + 1) * HOUR, tid=f"tid-{i % 11}",
+                       profile=_fresh("vpn" if i % 3 else "short"), subject=_fresh(f"CN={user},O=Example"),
+                       san=_fresh(f"email:{user}@example.com" if i % 4 else ""), client=_fresh(f"192.0.2.{i % 3}"),
+                       key_type=_fresh("ec-p256" if i % 2 else "rsa2048"), auth_method=_fresh("local"),
+                       revoked_at=T0 + i if i % 9 == 0 else None, revocation_reason=1 if i % 9 == 0 else None))
+    return out
+
+
+def _layout(log):
+    """Everything add() builds, with string identity (sharing) as object ids."""
+    return ([(r.serial, r.user, r.subject, r.san, id(r.user), id(r.profile), id(r.key_type), id(r.auth_method),
+              id(r.client), id(r.subject), id(r.san), r.issued_at is r.not_before) for r in log],
+            {u: [r.serial for r in rs] for u, rs in log._by_user.items()},
+            {t: r.serial for t, r in log._by_tid.items()}, sorted(log._revoked),
+            {b: [r.serial for r in rs] for b, rs in log._expiry.items()})
+
+
+def test_add_many_builds_what_add_builds():
+    one, many = IssuanceLog(), IssuanceLog()
+    records = _varied(200)
+    for r in records[:50]:
+        one.add(r)
+    for r in records[50:]:
+        one.add(r)
+    shared = _layout(one)
+    many_records = _varied(200)
+    many.add_many(many_records[:50])
+    many.add_many(many_records[50:])
+    mine = _layout(many)
+    # equal, and shared the same way (ids differ between the two logs: compare the sharing pattern)
+    def pattern(layout):
+        rows, *rest = layout
+        ids = {}
+        return [row[:4] + tuple(ids.setdefault(x, len(ids)) for x in row[4:11]) + row[11:] for row in rows], rest
+    assert pattern(mine) == pattern(shared)
+
+
+def test_add_many_stops_at_a_duplicate_serial_like_add():
+    log = IssuanceLog()
+    log.add(rec(5))
+    batch = [rec(1, "a"), rec(2, "b"), rec(5, "c"), rec(6, "d")]
+    with pytest.raises(ValueError, match="serial 0x5 is already"):
+        log.add_many(batch)
+    assert [r.serial for r in log] == [5, 1, 2]
+    again = IssuanceLog()
+    with pytest.raises(ValueError, match="serial 0x7 is already"):
+        again.add_many([rec(7, "a"), rec(8, "b"), rec(7, "c")])
+    assert [r.serial for r in again] == [7, 8]
