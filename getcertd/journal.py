@@ -28,13 +28,13 @@ import re
 from array import array
 
 from twisted.application import service
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from getcertd.errors import ConfigError, StorageUnavailable
 from getcertd.issuance import CRL_REASONS, Record, check_reason
+from getcertd.workers import WorkerPool
 
 _log = Logger()
 
@@ -258,7 +258,7 @@ class Journal(service.Service):
     :param path: the journal file (created 0600 on the first write).
     :param log: the :class:`~getcertd.issuance.IssuanceLog` that :meth:`record_issue`, :meth:`record_revocation`
         and :meth:`compact` keep in step with the file (already replayed from it).
-    :param reactor: for ``deferToThreadPool``; the global reactor by default.
+    :param reactor: fires the results of the file work; the global reactor by default.
     :param run: ``run(f, *args) -> Deferred`` runs blocking file work; by default in a dedicated one-thread pool.
         Tests may pass a synchronous or hand-driven double.
     """
@@ -406,8 +406,8 @@ class Journal(service.Service):
             yield self._lock.run(lambda: self._run(self._close_fd) if self._fd is not None else None)
         finally:
             if self._pool is not None:
-                self._pool.stop()
-                self._pool = None
+                pool, self._pool = self._pool, None
+                yield pool.stop()
 
     def stopService(self):
         super().stopService()
@@ -457,11 +457,11 @@ class Journal(service.Service):
 
     def _run_in_pool(self, f, *args):
         if self._pool is None:
-            self._pool = ThreadPool(minthreads=1, maxthreads=1, name="getcertd-journal")
-            self._pool.start()
+            # getcertd.workers: a job costs a fraction of Twisted's deferToThreadPool (one per batch of appends).
+            self._pool = WorkerPool(self._reactor, 1, "getcertd-journal", niceness=0)
             pool = self._pool
-            self._reactor.addSystemEventTrigger("during", "shutdown", lambda: pool.joined or pool.stop())
-        return threads.deferToThreadPool(self._reactor, self._pool, f, *args)
+            self._reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
+        return self._pool.run(f, *args)
 
     # The worker side: blocking file work, one job at a time.
 

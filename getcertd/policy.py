@@ -4,6 +4,7 @@ The subject never comes from the CSR (draft section 5): it is built from the pro
 user's name is only ever placed inside one attribute value, so no name can add RDNs or SAN entries.
 """
 import datetime
+import functools
 import re
 from dataclasses import dataclass
 from typing import Mapping, Optional, Tuple
@@ -51,7 +52,8 @@ def check_template(template: str, kind: str) -> None:
         _parse_san_template(template)
 
 
-def _parse_subject_template(template: str):
+@functools.lru_cache(maxsize=64)  # templates come from the configuration: parsed once, not per request
+def _parse_subject_template(template: str) -> tuple:
     rdns = []
     for part in _SPLIT_RDN.split(template):
         part = part.strip()
@@ -64,17 +66,18 @@ def _parse_subject_template(template: str):
         rdns.append((_ATTRS[attr], value.strip().replace("\\,", ",")))
     if not rdns:
         raise ValueError("subject template is empty")
-    return rdns
+    return tuple(rdns)
 
 
-def _parse_san_template(template: str):
+@functools.lru_cache(maxsize=64)
+def _parse_san_template(template: str) -> tuple:
     entries = []
     for item in template.split():
         kind, sep, value = item.partition(":")
         if not sep or kind not in ("email", "dns", "uri"):
             raise ValueError(f"san template: expected email:, dns: or uri: entries, got {item!r}")
         entries.append((kind, value))
-    return entries
+    return tuple(entries)
 
 
 def _check_email(value: str) -> str:

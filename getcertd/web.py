@@ -78,6 +78,7 @@ def answer_error(request, failure: Failure, est: bool = False) -> bytes:
 
 def _finish(request, body: bytes):
     if not request.finished and not getattr(request, "_disconnected", False):
+        request.setHeader(b"Content-Length", b"%d" % len(body))  # one write: no chunked encoding (as EST does)
         request.write(body)
         request.finish()
 

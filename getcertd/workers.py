@@ -44,6 +44,7 @@ class WorkerPool(service.Service):
 
     :param reactor: fires the Deferreds on its thread (``callFromThread``).
     :param size: the number of threads; default: the number of CPUs.
+    :param niceness: how many nice levels below the reactor thread the threads run (Linux).
 
     The threads start with the service (or with the first job) and stop with it, after finishing the jobs
     already queued. A job submitted after stopping fails with RuntimeError.
@@ -51,8 +52,9 @@ class WorkerPool(service.Service):
 
     name = "workers"
 
-    def __init__(self, reactor, size=None, thread_name="getcertd-crypto"):
+    def __init__(self, reactor, size=None, thread_name="getcertd-crypto", niceness=NICENESS):
         self._reactor = reactor
+        self._niceness = niceness
         self.size = max(1, size or os.cpu_count() or 1)
         self._thread_name = thread_name
         self._jobs = queue.SimpleQueue()
@@ -109,7 +111,8 @@ class WorkerPool(service.Service):
         return joined
 
     def _work(self):
-        _lower_priority(NICENESS)
+        if self._niceness:
+            _lower_priority(self._niceness)
         get = self._jobs.get
         while True:
             job = get()
