@@ -21,6 +21,7 @@ from twisted.logger import Logger
 
 from getcertd.errors import ConfigError
 from getcertd.issuance import CRL_REASONS
+from getcertd.journal import fsync_dir
 
 _log = Logger()
 
@@ -209,11 +210,7 @@ def save_crl_number(path: str, number: int):
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(path)
 
 
 class CrlPublisher(service.Service):

@@ -244,7 +244,8 @@ def _write_all(fd, data):
         view = view[n:]
 
 
-def _fsync_dir(path):
+def fsync_dir(path):
+    """Make the directory entry of ``path`` durable (after a create or a rename)."""
     fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
@@ -477,7 +478,7 @@ class Journal(service.Service):
                     os.ftruncate(fd, valid)
                     os.fsync(fd)
                 if not existed:
-                    _fsync_dir(self.path)
+                    fsync_dir(self.path)
             except BaseException:
                 os.close(fd)
                 raise
@@ -587,7 +588,7 @@ class Journal(service.Service):
             record.offset = offset
         old, self._fd, self._size, self._dirty = self._fd, None, 0, False
         os.close(old)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         return kept
 
     def _close_fd(self):
