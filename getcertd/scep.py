@@ -625,7 +625,9 @@ def _fast_signed_structure(der) -> Optional[_ParsedSigned]:
         econtent_type = _der_oid_dotted(der[encap[0][1]:encap[0][2]])
         content = None
         if len(encap) == 2:
-            if encap[1][0] != 0xA0:
+            # asn1crypto reads eContent by its type (an envelopedData one as an EnvelopedData, not an OCTET
+            # STRING, found by scripts/fuzz scep-diff): only id-data takes the fast path
+            if encap[1][0] != 0xA0 or econtent_type != OID_DATA:
                 return None
             octets = _der_children(der, encap[1][1], encap[1][2])
             if len(octets) != 1 or octets[0][0] != 0x04:

@@ -7,7 +7,7 @@ import pytest
 
 import fuzztargets
 import scepclient
-from getcertd import config, web
+from getcertd import config, scep, web
 from getcertd.errors import ConfigError, MalformedRequest
 
 CRASHES = [
@@ -26,6 +26,30 @@ CRASHES = [
     pytest.param("config", "[auth]\nbackend = radius\n[radius]\nservers = radius.example:\u00b2\nsecret = s\n"
                  .encode(), id="config-superscript-port"),
 ]
+
+
+def _econtent_type_changed(name, to_oid):
+    """A seed pkiMessage whose eContentType (the first id-data OID in it) names another type."""
+    seed = fuzztargets.seeds("scep")[name]
+    data_oid = scep._der_oid(scep.OID_DATA)
+    assert data_oid in seed
+    return seed.replace(data_oid, scep._der_oid(to_oid), 1)
+
+
+# scripts/fuzz scep-diff, crash-2a5671ad2f0538addfe893f8e9e5b90c8cf8d71d in CI (and again in a local run): a
+# SignedData whose eContentType was mutated from id-data to envelopedData. The fast DER walker read eContent as
+# the OCTET STRING it is; asn1crypto reads eContent by its type and raised "EnvelopedData ... should have been
+# constructed", so the two paths disagreed. Fixed in getcertd/scep.py: only id-data content takes the fast path;
+# the request is a 400 either way.
+CRASHES.append(pytest.param("scep-diff", _econtent_type_changed("pkcsreq-aes128", scep.OID_ENVELOPED_DATA),
+                            id="scep-diff-econtent-type-enveloped"))
+
+
+def test_econtent_of_another_type_is_refused_by_both_paths():
+    data = _econtent_type_changed("pkcsreq-aes128", scep.OID_ENVELOPED_DATA)
+    assert scep._fast_signed_structure(data) is None
+    with pytest.raises(MalformedRequest, match="SignedData"):
+        scep.parse_signed(data)
 
 
 @pytest.mark.parametrize("target, data", CRASHES)
