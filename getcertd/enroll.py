@@ -41,7 +41,10 @@ def _spki(public_key) -> bytes:
 class EnrollmentService:
     """Decides and answers SCEP PKIOperations; shares the issuance log with the rest of the appliance.
 
-    ``run_crypto(f, *args)`` runs private-key work off the reactor thread and returns a Deferred.
+    ``run_crypto(f, *args)`` runs private-key work off the reactor thread and returns a Deferred. Only the
+    private-key operations go there (the RA's decryption of the content key, the CA's certificate signature,
+    the RA's CertRep signature), each alone: the worker threads then hold the GIL for a moment per job and the
+    reactor thread, which does all the Python (parsing, policy, building), seldom waits for the lock.
     """
 
     def __init__(self, *, ca, signer_key, signer_cert, policy, issuance_log, journal, authenticator, clock,
@@ -114,40 +117,34 @@ class EnrollmentService:
         if self.stats is not None:
             self.stats.count(*key)
 
-    def _reply(self, msg, status, content=None, cipher="aes256", fail_info=None, fail_info_text=None):
-        """Build and sign the CertRep off the reactor thread."""
-        return self.run_crypto(self._cert_rep, msg, status, content, cipher, fail_info, fail_info_text)
-
-    def _cert_rep(self, msg, status, content=None, cipher="aes256", fail_info=None, fail_info_text=None) -> bytes:
-        """The CertRep (blocking: an RSA signature, and an RSA encryption with content)."""
+    async def _reply(self, msg, status, content=None, cipher="aes256", fail_info=None, fail_info_text=None):
+        """The CertRep: built here, signed by the RA key off the reactor thread."""
         envelope = None
         if content is not None:
             envelope = scep.build_envelope(content, msg.signer_cert, cipher=cipher)
-        return scep.build_signed(
+        unsigned = scep.prepare_signed(
             message_type=scep.MessageType.CertRep, transaction_id=msg.transaction_id,
-            sender_nonce=scep.new_nonce(), recipient_nonce=msg.sender_nonce, signer_key=self.signer_key,
-            signer_cert=self.signer_cert, digest=msg.digest, content=envelope, pki_status=status,
-            fail_info=fail_info, fail_info_text=fail_info_text)
+            sender_nonce=scep.new_nonce(), recipient_nonce=msg.sender_nonce, signer_cert=self.signer_cert,
+            digest=msg.digest, content=envelope, pki_status=status, fail_info=fail_info,
+            fail_info_text=fail_info_text)
+        return unsigned.finish(await self.run_crypto(scep.sign_attributes, self.signer_key, unsigned.to_sign,
+                                                     msg.digest))
 
-    def _decrypt(self, msg):
+    async def _decrypt(self, msg):
+        """(plaintext, cipher) of the request's EnvelopedData: read here, its content key unwrapped by the RA key
+        off the reactor thread."""
         if msg.content is None:
             raise ScepFailure(FailInfo.badRequest, "the message carries no enveloped content")
-        return self.run_crypto(scep.decrypt_envelope, msg.content, self.signer_key, self.signer_cert,
-                               self.allow_legacy_des)
+        sealed = scep.open_envelope(msg.content, self.signer_cert, self.allow_legacy_des)
+        return sealed.open(await self.run_crypto(sealed.unwrap, self.signer_key))
 
-    def _open_request(self, msg):
-        """Decrypt a PKCSReq or RenewalReq and read its CSR, in one job off the reactor thread:
-        (csr, public key, its SubjectPublicKeyInfo DER, cipher)."""
-        if msg.content is None:
-            raise ScepFailure(FailInfo.badRequest, "the message carries no enveloped content")
-
-        def work():
-            plaintext, cipher = scep.decrypt_envelope(msg.content, self.signer_key, self.signer_cert,
-                                                      self.allow_legacy_des)
-            csr = scep.parse_csr(plaintext)
-            public_key = csr.public_key()
-            return csr, public_key, _spki(public_key), cipher
-        return self.run_crypto(work)
+    async def _open_request(self, msg):
+        """Decrypt a PKCSReq or RenewalReq and read its CSR: (csr, public key, its SubjectPublicKeyInfo DER,
+        cipher)."""
+        plaintext, cipher = await self._decrypt(msg)
+        csr = scep.parse_csr(plaintext)
+        public_key = csr.public_key()
+        return csr, public_key, _spki(public_key), cipher
 
     async def _enroll(self, msg, credentials, client, secure):
         """(certificate, cipher, CertRep or None): the CertRep of a new certificate is built with it."""
@@ -189,7 +186,7 @@ class EnrollmentService:
         waiters = self._in_flight[msg.transaction_id] = []
 
         def cert_rep(cert):
-            return self._cert_rep(msg, scep.PkiStatus.SUCCESS, scep.degenerate_pkcs7([cert]), cipher)
+            return self._reply(msg, scep.PkiStatus.SUCCESS, scep.degenerate_pkcs7([cert]), cipher)
         try:
             cert, reply = await self._issue(identity, public_key, msg.transaction_id, client, then=cert_rep)
         except BaseException as e:
@@ -313,8 +310,8 @@ class EnrollmentService:
         return (await self._issue(identity, public_key, transaction_id, client, profile))[0]
 
     async def _issue(self, identity, public_key, transaction_id, client, profile=None, then=None):
-        """issue(); with ``then``, ``then(cert)`` runs in the same job as the signature (the SCEP CertRep: one
-        hand-off to the crypto threads instead of two). Returns (certificate, then(certificate) or None)."""
+        """issue(); with ``then``, the Deferred ``then(cert)`` (the SCEP CertRep) runs while the journal
+        commits, and its result is returned too: (certificate, its result or None)."""
         now = self.now()
         seconds = int(self.clock.seconds())
         user = identity.user
@@ -331,17 +328,27 @@ class EnrollmentService:
         self._pending_users[user] = pending + 1
         self._pending_serials.add(serial)
         try:
-            def sign():
-                cert = self.ca.issue(public_key, decision.subject, decision.san, decision.not_before,
-                                     decision.not_after, serial, decision.eku, self.crl_url)
-                return cert, cert.public_bytes(serialization.Encoding.DER), then(cert) if then is not None else None
-            cert, der, extra = await self.run_crypto(sign)
+            builder = self.ca.end_entity(public_key, decision.subject, decision.san, decision.not_before,
+                                         decision.not_after, serial, decision.eku, self.crl_url)
+            cert = await self.run_crypto(self.ca.sign, builder)
+            der = cert.public_bytes(serialization.Encoding.DER)
             record = Record(serial, user, decision.profile, decision.subject.rfc4514_string(),
                             ", ".join(str(g.value) for g in decision.san), decision.key_type,
                             int(decision.not_before.timestamp()), int(decision.not_after.timestamp()),
                             transaction_id, client, identity.method, seconds)
             # Journalled and fsynced before anything leaves the server; StorageUnavailable becomes a 503.
-            await self.journal.record_issue(record, der)
+            committed = self.journal.record_issue(record, der)
+            extra = None
+            if then is not None:  # built and signed while the journal writes
+                extra = defer.ensureDeferred(then(cert))
+            try:
+                await committed
+            except BaseException:
+                if extra is not None:
+                    extra.addErrback(lambda _: None)  # nothing leaves: whatever it became is not needed
+                raise
+            if extra is not None:
+                extra = await extra
         finally:
             self._pending_serials.discard(serial)
             left = self._pending_users[user] - 1

@@ -924,26 +924,69 @@ def _same_public_key(private_key, cert: x509.Certificate) -> bool:
 # The builders write DER directly (asn1crypto's object model costs milliseconds per message, and the server
 # builds one CertRep per enrollment); tests/test_scep_codec.py checks them byte for byte against asn1crypto.
 
-def build_signed(*, message_type: int, transaction_id: str, sender_nonce: Optional[bytes],
-                 signer_key, signer_cert: x509.Certificate, digest: str = "sha256",
-                 content: Optional[bytes] = None, pki_status: Optional[PkiStatus] = None,
-                 fail_info: Optional[int] = None, fail_info_text: Optional[str] = None,
-                 recipient_nonce: Optional[bytes] = None, extra_certs: Iterable[x509.Certificate] = (),
-                 signing_time: Optional[datetime.datetime] = None) -> bytes:
+def build_signed(*, signer_key, signer_cert: x509.Certificate, digest: str = "sha256", **fields) -> bytes:
     """Build a pkiMessage: ContentInfo with SignedData carrying the SCEP signed attributes.
+
+    ``fields`` are those of :func:`prepare_signed`; the signature is made here with ``signer_key``.
+    Raises ValueError on misuse (unknown digest, key not matching the certificate...).
+    """
+    if not _same_public_key(signer_key, signer_cert):
+        raise ValueError("signer_key does not belong to signer_cert")
+    unsigned = prepare_signed(signer_cert=signer_cert, digest=digest, **fields)
+    return unsigned.finish(sign_attributes(signer_key, unsigned.to_sign, digest))
+
+
+class UnsignedMessage:
+    """A pkiMessage waiting for its signature: ``to_sign`` (the signed attributes as a DER SET OF) goes to
+    :func:`sign_attributes`, and :meth:`finish` puts the signature in."""
+
+    __slots__ = ("to_sign", "_finish")
+
+    def __init__(self, to_sign: bytes, finish: Callable[[bytes], bytes]):
+        self.to_sign = to_sign
+        self._finish = finish
+
+    def finish(self, signature: bytes) -> bytes:
+        """The whole pkiMessage (ContentInfo DER) with ``signature``."""
+        return self._finish(signature)
+
+
+def sign_attributes(signer_key, to_sign: bytes, digest: str = "sha256") -> bytes:
+    """The signature of a pkiMessage's signed attributes: RSA PKCS#1 v1.5 or ECDSA (one private-key operation,
+    nothing else: a server runs it on another thread)."""
+    hash_algorithm = _hash(digest)
+    if isinstance(signer_key, rsa.RSAPrivateKey):
+        return signer_key.sign(to_sign, padding.PKCS1v15(), hash_algorithm)
+    if isinstance(signer_key, ec.EllipticCurvePrivateKey):
+        return signer_key.sign(to_sign, ec.ECDSA(hash_algorithm))
+    raise ValueError(f"unsupported signer key type {type(signer_key).__name__}")
+
+
+def prepare_signed(*, message_type: int, transaction_id: str, sender_nonce: Optional[bytes],
+                   signer_cert: x509.Certificate, digest: str = "sha256",
+                   content: Optional[bytes] = None, pki_status: Optional[PkiStatus] = None,
+                   fail_info: Optional[int] = None, fail_info_text: Optional[str] = None,
+                   recipient_nonce: Optional[bytes] = None, extra_certs: Iterable[x509.Certificate] = (),
+                   signing_time: Optional[datetime.datetime] = None) -> UnsignedMessage:
+    """A pkiMessage to be signed by the key of ``signer_cert``; :func:`build_signed` does it all in one go.
 
     ``content`` (normally EnvelopedData DER) becomes the id-data eContent; when None the
     eContent is absent and messageDigest is the digest of the empty string. RSA signers
     get signatureAlgorithm rsaEncryption (strongSwan 5.9.8 refuses shaNWithRSAEncryption
     there), ECDSA signers ecdsa-with-SHAn. Certificates: the signer's, then extra_certs.
-    Raises ValueError on misuse (unknown digest, key not matching the certificate...).
+    Raises ValueError on misuse (unknown digest or signer key type...).
     """
     if digest not in _HASHES:
         raise ValueError(f"unsupported digest {digest!r}; use one of {', '.join(_HASHES)}")
-    if not _same_public_key(signer_key, signer_cert):
-        raise ValueError("signer_key does not belong to signer_cert")
     if int(message_type) < 0 or (fail_info is not None and int(fail_info) < 0):
         raise ValueError("message_type and fail_info are non-negative numbers")
+    signer_public_key = signer_cert.public_key()
+    if isinstance(signer_public_key, rsa.RSAPublicKey):
+        signature_algorithm = _DER_RSA_PKCS1
+    elif isinstance(signer_public_key, ec.EllipticCurvePublicKey):
+        signature_algorithm = _DER_ECDSA_ALGORITHM[digest]
+    else:
+        raise ValueError(f"unsupported signer key type {type(signer_public_key).__name__}")
 
     attributes = [
         _attribute(OID_CONTENT_TYPE, _DER_DATA),
@@ -968,29 +1011,22 @@ def build_signed(*, message_type: int, transaction_id: str, sender_nonce: Option
         attributes.append(_attribute(OID_FAIL_INFO_TEXT, _der_tlv(0x0C, fail_info_text.encode("utf-8"))))
     attributes.sort()  # DER SET OF order
     attributes = b"".join(attributes)
-    to_sign = _der_tlv(0x31, attributes)  # the signature covers the attributes as a SET OF
-
-    hash_algorithm = _hash(digest)
-    if isinstance(signer_key, rsa.RSAPrivateKey):
-        signature = signer_key.sign(to_sign, padding.PKCS1v15(), hash_algorithm)
-        signature_algorithm = _DER_RSA_PKCS1
-    elif isinstance(signer_key, ec.EllipticCurvePrivateKey):
-        signature = signer_key.sign(to_sign, ec.ECDSA(hash_algorithm))
-        signature_algorithm = _DER_ECDSA_ALGORITHM[digest]
-    else:
-        raise ValueError(f"unsupported signer key type {type(signer_key).__name__}")
 
     digest_algorithm = _DER_DIGEST_ALGORITHM[digest]
     signer_der, signer_id, _ = _cert_parts(signer_cert)
-    signer_info = _der_tlv(0x30, b"\x02\x01\x01" + signer_id + digest_algorithm + _der_tlv(0xA0, attributes)
-                           + signature_algorithm + _der_tlv(0x04, signature))
     encap = _DER_DATA
     if content is not None:
         encap += _der_tlv(0xA0, _der_tlv(0x04, bytes(content)))
     certificates = signer_der + b"".join(_cert_parts(cert)[0] for cert in extra_certs)
-    signed_data = _der_tlv(0x30, b"\x02\x01\x01" + _der_tlv(0x31, digest_algorithm) + _der_tlv(0x30, encap)
-                           + _der_tlv(0xA0, certificates) + _der_tlv(0x31, signer_info))
-    return _der_tlv(0x30, _DER_SIGNED_DATA + _der_tlv(0xA0, signed_data))
+
+    def finish(signature: bytes) -> bytes:
+        signer_info = _der_tlv(0x30, b"\x02\x01\x01" + signer_id + digest_algorithm + _der_tlv(0xA0, attributes)
+                               + signature_algorithm + _der_tlv(0x04, signature))
+        signed_data = _der_tlv(0x30, b"\x02\x01\x01" + _der_tlv(0x31, digest_algorithm) + _der_tlv(0x30, encap)
+                               + _der_tlv(0xA0, certificates) + _der_tlv(0x31, signer_info))
+        return _der_tlv(0x30, _DER_SIGNED_DATA + _der_tlv(0xA0, signed_data))
+    # the signature covers the attributes as a SET OF
+    return UnsignedMessage(_der_tlv(0x31, attributes), finish)
 
 
 # --- EnvelopedData ---------------------------------------------------------------------
@@ -1172,42 +1208,75 @@ def _decrypt_content(cipher: str, key: bytes, iv: bytes, ciphertext: bytes, bloc
         return None
 
 
-def decrypt_envelope(der: bytes, recipient_key, recipient_cert: x509.Certificate,
-                     allow_des: bool = False) -> tuple[bytes, str]:
-    """Open an EnvelopedData (ContentInfo DER) addressed to recipient_cert.
+class SealedEnvelope:
+    """A parsed EnvelopedData addressed to us, not yet opened (see :func:`open_envelope`).
 
-    Key transport: RSA PKCS#1 v1.5 or RSAES-OAEP (any of our digests). Content ciphers:
-    aes128/aes192/aes256-CBC, des3 (des-ede3-cbc), and des (des-cbc) only if allow_des.
-    Returns (plaintext, cipher name). The recipientInfo naming recipient_cert is used;
-    if none does, each key transport recipientInfo is tried with the key.
+    Opening is two steps so that a server can run the RSA private-key operation alone on another thread and
+    keep the rest (Python) on its own: :meth:`unwrap` (the recipientInfos' encrypted content keys through the
+    private key: one foreign call each, nothing else) and :meth:`open` (the content cipher and its padding).
+    """
 
-    A failed RSA unwrap is not reported as such: a random content key is used instead
-    (and OpenSSL's implicit rejection does the same inside), so a wrong key, bad RSA
-    padding and bad content padding all end in the same ScepFailure(badMessageCheck).
+    __slots__ = ("cipher", "_key_length", "_block", "_iv", "_ciphertext", "_named")
+
+    def __init__(self, cipher, key_length, block, iv, ciphertext, named):
+        self.cipher = cipher
+        self._key_length, self._block, self._iv, self._ciphertext = key_length, block, iv, ciphertext
+        self._named = named
+
+    def unwrap(self, recipient_key) -> list:
+        """The content-encryption key from each candidate recipientInfo (b"" where RSA refused it)."""
+        keys = []
+        for _, pad, encrypted_key in self._named:
+            try:
+                keys.append(recipient_key.decrypt(encrypted_key, pad))
+            except ValueError:
+                keys.append(b"")
+        return keys
+
+    def open(self, keys: list) -> tuple[bytes, str]:
+        """(plaintext, cipher name) with the first of ``keys`` (from :meth:`unwrap`) that decrypts the content.
+
+        A failed RSA unwrap is not reported as such: a random content key is used instead (and OpenSSL's
+        implicit rejection does the same inside), so a wrong key, bad RSA padding and bad content padding all
+        end in the same ScepFailure(badMessageCheck).
+        """
+        for key in keys:
+            if len(key) != self._key_length:
+                key = os.urandom(self._key_length)
+            plaintext = _decrypt_content(self.cipher, key, self._iv, self._ciphertext, self._block)
+            if plaintext is not None:
+                return plaintext, self.cipher
+        raise ScepFailure(FailInfo.badMessageCheck, "the message could not be decrypted")
+
+
+def open_envelope(der: bytes, recipient_cert: x509.Certificate, allow_des: bool = False) -> SealedEnvelope:
+    """Read an EnvelopedData (ContentInfo DER) addressed to recipient_cert, up to its RSA key transport.
+
+    Key transport: RSA PKCS#1 v1.5 or RSAES-OAEP (any of our digests). Content ciphers: aes128/aes192/aes256-CBC,
+    des3 (des-ede3-cbc), and des (des-cbc) only if allow_des. The recipientInfo naming recipient_cert is used;
+    if none does, each key transport recipientInfo is a candidate.
     Unsupported algorithms -> ScepFailure(badAlg); unreadable structure -> MalformedRequest.
     """
     _check_value_count(der, "EnvelopedData")
     fast = _fast_envelope_structure(der, allow_des, recipient_cert)
     if fast is not None:
-        cipher, key_length, block, iv, ciphertext, named = fast
-    else:
-        cipher, key_length, block, iv, ciphertext, recipients = _parse_envelope_structure(der, allow_des)
+        return SealedEnvelope(*fast)
+    cipher, key_length, block, iv, ciphertext, recipients = _parse_envelope_structure(der, allow_des)
+    asn1_cert = _asn1_cert(recipient_cert)
+    named = [r for r in recipients if _rid_matches_guarded(r[0], asn1_cert)] or recipients
+    return SealedEnvelope(cipher, key_length, block, iv, ciphertext, named)
+
+
+def decrypt_envelope(der: bytes, recipient_key, recipient_cert: x509.Certificate,
+                     allow_des: bool = False) -> tuple[bytes, str]:
+    """Open an EnvelopedData addressed to recipient_cert with its key: (plaintext, cipher name).
+
+    :func:`open_envelope`, then :meth:`SealedEnvelope.unwrap` and :meth:`SealedEnvelope.open` in one go.
+    """
+    sealed = open_envelope(der, recipient_cert, allow_des)
     if not isinstance(recipient_key, rsa.RSAPrivateKey):
         raise ScepFailure(FailInfo.badAlg, "the recipient key is not an RSA key")
-    if fast is None:
-        asn1_cert = _asn1_cert(recipient_cert)
-        named = [r for r in recipients if _rid_matches_guarded(r[0], asn1_cert)] or recipients
-    for _, pad, encrypted_key in named:
-        try:
-            key = recipient_key.decrypt(encrypted_key, pad)
-        except ValueError:
-            key = b""
-        if len(key) != key_length:
-            key = os.urandom(key_length)
-        plaintext = _decrypt_content(cipher, key, iv, ciphertext, block)
-        if plaintext is not None:
-            return plaintext, cipher
-    raise ScepFailure(FailInfo.badMessageCheck, "the message could not be decrypted")
+    return sealed.open(sealed.unwrap(recipient_key))
 
 
 def build_envelope(plaintext: bytes, recipient_cert: x509.Certificate, cipher: str = "aes256",

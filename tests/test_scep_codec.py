@@ -166,6 +166,34 @@ def test_pkcs_req_round_trip(cipher, digest, transport, csr, client, ca):
     assert scep.challenge_password(parsed) == "s3cret"
 
 
+@pytest.mark.parametrize("digest", scep.DIGESTS)
+def test_the_two_step_forms_make_the_same_messages(digest, csr, client, ca, ec_client):
+    """What the server does with the private-key operation on another thread (prepare_signed, sign_attributes,
+    finish; open_envelope, unwrap, open) gives what the one-step build_signed and decrypt_envelope give."""
+    fields = dict(message_type=MessageType.CertRep, transaction_id="T-1", sender_nonce=b"n" * 16,
+                  recipient_nonce=b"r" * 16, digest=digest, content=b"c", pki_status=PkiStatus.SUCCESS,
+                  signing_time=NOW)
+    unsigned = scep.prepare_signed(signer_cert=client.cert, **fields)
+    two_step = unsigned.finish(scep.sign_attributes(client.key, unsigned.to_sign, digest))
+    assert two_step == scep.build_signed(signer_key=client.key, signer_cert=client.cert, **fields)  # PKCS#1 v1.5
+    assert scep.parse_signed(two_step).transaction_id == "T-1"
+    unsigned = scep.prepare_signed(signer_cert=ec_client.cert, **fields)  # ECDSA: random, so parse it back
+    assert scep.parse_signed(unsigned.finish(scep.sign_attributes(ec_client.key, unsigned.to_sign, digest))) \
+        .pki_status == PkiStatus.SUCCESS
+    with pytest.raises(ValueError, match="does not belong"):
+        scep.build_signed(signer_key=ec_client.key, signer_cert=client.cert, **fields)
+
+    plaintext = csr.public_bytes(serialization.Encoding.DER)
+    envelope = scep.build_envelope(plaintext, ca.cert, "aes128")
+    sealed = scep.open_envelope(envelope, ca.cert)
+    assert sealed.cipher == "aes128"
+    assert sealed.open(sealed.unwrap(ca.key)) == (plaintext, "aes128") == scep.decrypt_envelope(envelope, ca.key,
+                                                                                                 ca.cert)
+    with pytest.raises(ScepFailure) as failure:  # another key: the same answer as a corrupt message
+        sealed.open(sealed.unwrap(client.key))
+    assert failure.value.fail_info == FailInfo.badMessageCheck
+
+
 def test_build_pkcs_req_wrapper(csr, client, ca):
     der = _pkcs_req(csr, client, ca, cipher="des3", digest="sha1", oaep=True)
     message = scep.parse_signed(der)
