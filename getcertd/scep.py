@@ -598,6 +598,11 @@ def _signing_time(attrs: dict) -> Optional[datetime.datetime]:
     return signing_time
 
 
+# Signed attribute values the fast path reads at most (SCEP messages carry seven or eight, one value each); with
+# _der_children's cap on each level, this bounds what it allocates, so the value count runs only before asn1crypto.
+_FAST_MAX_ATTRIBUTE_VALUES = 64
+
+
 def _fast_signed_structure(der) -> Optional[_ParsedSigned]:
     """The _ParsedSigned of the common shape of SignedData (plain DER; one signerInfo naming its certificate by
     issuer and serial number; signed attributes; eContent in one primitive OCTET STRING), read with a small DER
@@ -679,15 +684,19 @@ def _fast_signed_structure(der) -> Optional[_ParsedSigned]:
         as_received = b"\x31" + der[si[3][3] + 1:si[3][2]]
         attrs = {}
         encoded = []
-        for atag, astart, aend, apos in _der_children(der, si[3][1], si[3][2]):
+        values_left = _FAST_MAX_ATTRIBUTE_VALUES
+        for atag, astart, aend, apos in _der_children(der, si[3][1], si[3][2], most=values_left):
             parts = _der_children(der, astart, aend)
             if atag != 0x30 or len(parts) != 2 or parts[0][0] != 0x06 or parts[1][0] != 0x31:
                 return None
             oid = _der_oid_dotted(der[parts[0][1]:parts[0][2]])
             if oid in attrs:
                 return None
-            attrs[oid] = [core.Asn1Value.load(der[vpos:vend], strict=True)
-                          for _, _, vend, vpos in _der_children(der, parts[1][1], parts[1][2])]
+            values = _der_children(der, parts[1][1], parts[1][2], most=values_left)
+            values_left -= len(values)
+            if values_left < 0:
+                return None
+            attrs[oid] = [core.Asn1Value.load(der[vpos:vend], strict=True) for _, _, vend, vpos in values]
             encoded.append(der[apos:aend])
         as_sorted = b"\x31" + as_received[1:len(as_received) - sum(map(len, encoded))] + b"".join(sorted(encoded))
         signing_time = _signing_time(attrs)
@@ -705,10 +714,10 @@ def _fast_signed_structure(der) -> Optional[_ParsedSigned]:
 
 @_guard("SignedData")
 def _parse_signed_structure(der: bytes) -> _ParsedSigned:
-    _check_value_count(der, "SignedData")
     fast = _fast_signed_structure(der)
     if fast is not None:
         return fast
+    _check_value_count(der, "SignedData")  # the fast path allocates a bounded amount; asn1crypto would not
     signed_data = _load_content_info(der, OID_SIGNED_DATA, "SignedData")
     signer_infos = signed_data["signer_infos"]
     if len(signer_infos) != 1:
@@ -1257,10 +1266,10 @@ def open_envelope(der: bytes, recipient_cert: x509.Certificate, allow_des: bool 
     if none does, each key transport recipientInfo is a candidate.
     Unsupported algorithms -> ScepFailure(badAlg); unreadable structure -> MalformedRequest.
     """
-    _check_value_count(der, "EnvelopedData")
     fast = _fast_envelope_structure(der, allow_des, recipient_cert)
     if fast is not None:
         return SealedEnvelope(*fast)
+    _check_value_count(der, "EnvelopedData")  # the fast path allocates a bounded amount; asn1crypto would not
     cipher, key_length, block, iv, ciphertext, recipients = _parse_envelope_structure(der, allow_des)
     asn1_cert = _asn1_cert(recipient_cert)
     named = [r for r in recipients if _rid_matches_guarded(r[0], asn1_cert)] or recipients
@@ -1422,8 +1431,10 @@ def _load_csr(der: bytes) -> tuple:
     CertificationRequestInfo: legacy = (info DER, signature algorithm, signature).
     """
     der = bytes(der)
-    _check_value_count(der, "CSR")
-    if _csr_shape(der) is not None:  # the common case, v1, is read by cryptography alone (and attributes)
+    shape = _csr_shape(der)
+    if shape is not True:  # attributes (asn1crypto reads them) or another shape: count first
+        _check_value_count(der, "CSR")
+    if shape is not None:  # the common case, v1, is read by cryptography alone (and attributes)
         try:
             csr = x509.load_der_x509_csr(der)
             csr.subject.rdns  # noqa: B018 - force what the policy will read
