@@ -1,11 +1,13 @@
 """A small pool of threads for the private-key work of enrollments (layer 2).
 
 cryptography releases the GIL during RSA private-key operations, so with one worker per core the reactor
-thread keeps serving HTTP while the CA and RA keys sign and decrypt on the other cores.
+thread keeps serving HTTP while the CA and RA keys sign and decrypt on the other cores. A job should be that
+operation and nothing else (see getcertd.enroll): Python in a worker holds the GIL, and the reactor thread,
+which lets go of it at every socket and OpenSSL call, then waits to get it back.
 
 Twisted's own thread pool (``deferToThreadPool``) costs about 60 to 100 us of CPU per job on this kind of
-machine (its worker team, context propagation, and one reactor wake-up per result). An enrollment makes two
-or three jobs, and that overhead is paid while holding the GIL, so :class:`WorkerPool` does less: jobs go
+machine (its worker team, context propagation, and one reactor wake-up per result). An enrollment makes three
+jobs, and that overhead is paid while holding the GIL, so :class:`WorkerPool` does less: jobs go
 through a C ``SimpleQueue``, and finished jobs are handed back in batches: a worker wakes the reactor only
 when no hand-back is already pending, and the reactor fires every finished job's Deferred in one go.
 """
