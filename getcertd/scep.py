@@ -1217,6 +1217,9 @@ def _decrypt_content(cipher: str, key: bytes, iv: bytes, ciphertext: bytes, bloc
         return None
 
 
+MAX_KEY_TRANSPORT_TRIES = 4  # recipientInfos tried with our key, at most
+
+
 class SealedEnvelope:
     """A parsed EnvelopedData addressed to us, not yet opened (see :func:`open_envelope`).
 
@@ -1268,12 +1271,15 @@ def open_envelope(der: bytes, recipient_cert: x509.Certificate, allow_des: bool 
     """
     fast = _fast_envelope_structure(der, allow_des, recipient_cert)
     if fast is not None:
-        return SealedEnvelope(*fast)
-    _check_value_count(der, "EnvelopedData")  # the fast path allocates a bounded amount; asn1crypto would not
-    cipher, key_length, block, iv, ciphertext, recipients = _parse_envelope_structure(der, allow_des)
-    asn1_cert = _asn1_cert(recipient_cert)
-    named = [r for r in recipients if _rid_matches_guarded(r[0], asn1_cert)] or recipients
-    return SealedEnvelope(cipher, key_length, block, iv, ciphertext, named)
+        cipher, key_length, block, iv, ciphertext, named = fast
+    else:
+        _check_value_count(der, "EnvelopedData")  # the fast path allocates a bounded amount; asn1crypto would not
+        cipher, key_length, block, iv, ciphertext, recipients = _parse_envelope_structure(der, allow_des)
+        asn1_cert = _asn1_cert(recipient_cert)
+        named = [r for r in recipients if _rid_matches_guarded(r[0], asn1_cert)] or recipients
+    # Each candidate costs an RSA decryption; SCEP has one recipient. A message with thousands of recipientInfos
+    # naming nobody would otherwise cost a private-key operation each.
+    return SealedEnvelope(cipher, key_length, block, iv, ciphertext, named[:MAX_KEY_TRANSPORT_TRIES])
 
 
 def decrypt_envelope(der: bytes, recipient_key, recipient_cert: x509.Certificate,

@@ -194,6 +194,30 @@ def test_the_two_step_forms_make_the_same_messages(digest, csr, client, ca, ec_c
     assert failure.value.fail_info == FailInfo.badMessageCheck
 
 
+def test_key_transport_tries_are_capped(client, ca):
+    """An EnvelopedData with many recipientInfos naming nobody we know: each candidate costs an RSA decryption,
+    so only the first MAX_KEY_TRANSPORT_TRIES are tried (SCEP has one recipient)."""
+    info = cms.ContentInfo.load(scep.build_envelope(b"payload", client.cert, "aes128"))
+    recipients = info["content"]["recipient_infos"]
+    for _ in range(49):
+        recipients.append(recipients[0].copy())
+    der = info.dump(force=True)
+
+    class CountingKey:
+        calls = 0
+
+        def decrypt(self, ciphertext, pad):
+            CountingKey.calls += 1
+            return ca.key.decrypt(ciphertext, pad)
+    sealed = scep.open_envelope(der, ca.cert)  # nobody is named: every recipientInfo is a candidate
+    with pytest.raises(ScepFailure) as failure:
+        sealed.open(sealed.unwrap(CountingKey()))
+    assert failure.value.fail_info == FailInfo.badMessageCheck
+    assert CountingKey.calls == scep.MAX_KEY_TRANSPORT_TRIES < 50
+    sealed = scep.open_envelope(der, client.cert)  # named: the real recipient opens it
+    assert sealed.open(sealed.unwrap(client.key)) == (b"payload", "aes128")
+
+
 def test_build_pkcs_req_wrapper(csr, client, ca):
     der = _pkcs_req(csr, client, ca, cipher="des3", digest="sha1", oaep=True)
     message = scep.parse_signed(der)
