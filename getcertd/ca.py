@@ -138,19 +138,14 @@ class CertificateAuthority:
                                           crl_sign=False, encipher_only=False, decipher_only=False), critical=True))
         return b.sign(self.key, hash_for(self.key))
 
-    def issue(self, public_key, subject: x509.Name, san: Sequence[x509.GeneralName], not_before, not_after,
-              serial: int, eku: Sequence[str], crl_url: Optional[str] = None) -> x509.Certificate:
-        """An end-entity certificate for IKE: digitalSignature, the given EKUs, CA:FALSE, SKI/AKI."""
-        return self.sign(self.end_entity(public_key, subject, san, not_before, not_after, serial, eku, crl_url))
-
     def sign(self, builder: x509.CertificateBuilder) -> x509.Certificate:
-        """Sign a certificate built by :meth:`end_entity` (the private-key operation: a server runs it on another
-        thread, and builds the certificate on its own)."""
+        """Sign a certificate built by :meth:`end_entity` (the private-key operation alone: a server runs it on
+        another thread and builds the certificate on its own)."""
         return builder.sign(self.key, hash_for(self.key))
 
     def end_entity(self, public_key, subject: x509.Name, san: Sequence[x509.GeneralName], not_before, not_after,
                    serial: int, eku: Sequence[str], crl_url: Optional[str] = None) -> x509.CertificateBuilder:
-        """The unsigned certificate of :meth:`issue`."""
+        """An unsigned end-entity certificate for IKE: digitalSignature, the given EKUs, CA:FALSE, SKI/AKI."""
         b = (self._builder(subject, public_key, not_before, not_after, serial)
              .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
              .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
