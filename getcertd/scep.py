@@ -598,6 +598,23 @@ def _signing_time(attrs: dict) -> Optional[datetime.datetime]:
     return signing_time
 
 
+def _fast_content_fields(der, content_type: bytes) -> Optional[list]:
+    """The fields (as _der_children gives them) of the SEQUENCE in a plain-DER ContentInfo whose contentType is
+    the DER OID ``content_type``; None for anything else. ValueError or IndexError on bad DER, which the fast
+    paths below turn into None like every other surprise."""
+    if not isinstance(der, bytes):
+        return None
+    tag, start, end = _der_read(der, 0)
+    info = _der_children(der, start, end)
+    if tag != 0x30 or end != len(der) or len(info) != 2 or info[0][0] != 0x06 or info[1][0] != 0xA0 \
+            or der[info[0][3]:info[0][2]] != content_type:
+        return None
+    inner = _der_children(der, info[1][1], info[1][2])
+    if len(inner) != 1 or inner[0][0] != 0x30:
+        return None
+    return _der_children(der, inner[0][1], inner[0][2])
+
+
 # Signed attribute values the fast path reads at most (SCEP messages carry seven or eight, one value each); with
 # _der_children's cap on each level, this bounds what it allocates, so the value count runs only before asn1crypto.
 _FAST_MAX_ATTRIBUTE_VALUES = 64
@@ -609,17 +626,9 @@ def _fast_signed_structure(der) -> Optional[_ParsedSigned]:
     walker; None for anything else, which then takes the asn1crypto path (and its errors). It reads exactly
     what that path reads, from a subset of what it accepts (tests/test_scep_der.py compares the two)."""
     try:
-        if not isinstance(der, bytes):
+        fields = _fast_content_fields(der, _DER_SIGNED_DATA)
+        if fields is None:
             return None
-        tag, start, end = _der_read(der, 0)
-        info = _der_children(der, start, end)
-        if tag != 0x30 or end != len(der) or len(info) != 2 or info[0][0] != 0x06 or info[1][0] != 0xA0 \
-                or der[info[0][3]:info[0][2]] != _DER_SIGNED_DATA:
-            return None
-        inner = _der_children(der, info[1][1], info[1][2])
-        if len(inner) != 1 or inner[0][0] != 0x30:
-            return None
-        fields = _der_children(der, inner[0][1], inner[0][2])
         tags = [f[0] for f in fields]
         if tags[:3] != [0x02, 0x31, 0x30] or tags[-1] != 0x31 or tags[3:-1] not in ([], [0xA0], [0xA0, 0xA1], [0xA1]):
             return None
@@ -1078,17 +1087,9 @@ def _fast_envelope_structure(der, allow_des: bool, recipient_cert: x509.Certific
     supported cipher with its IV; the ciphertext in one primitive [0]), the recipients as (None, padding,
     encrypted key) since all of them are named; None for anything else, which takes the asn1crypto path."""
     try:
-        if not isinstance(der, bytes):
+        fields = _fast_content_fields(der, _DER_ENVELOPED_DATA)
+        if fields is None:
             return None
-        tag, start, end = _der_read(der, 0)
-        info = _der_children(der, start, end)
-        if tag != 0x30 or end != len(der) or len(info) != 2 or info[0][0] != 0x06 or info[1][0] != 0xA0 \
-                or der[info[0][3]:info[0][2]] != _DER_ENVELOPED_DATA:
-            return None
-        inner = _der_children(der, info[1][1], info[1][2])
-        if len(inner) != 1 or inner[0][0] != 0x30:
-            return None
-        fields = _der_children(der, inner[0][1], inner[0][2])
         if [f[0] for f in fields[:3]] != [0x02, 0x31, 0x30] or [f[0] for f in fields[3:]] not in ([], [0xA1]):
             return None
         eci = _der_children(der, fields[2][1], fields[2][2])
