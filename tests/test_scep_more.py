@@ -4,6 +4,7 @@ import os
 import subprocess
 
 import pytest
+from asn1crypto import cms
 from cryptography import x509
 
 from getcertd import scep
@@ -45,6 +46,24 @@ def test_unknown_message_type_is_bad_request(app):
     rep, _ = r.open_reply(_post(app, r.message(message_type=99)))
     assert rep.pki_status == scep.PkiStatus.FAILURE and rep.fail_info == FailInfo.badRequest
     assert "messageType" in rep.fail_info_text
+
+
+def test_many_recipient_infos_naming_nobody_get_a_failure_certrep(app):
+    """A PKCSReq whose envelope has 50 recipientInfos, none for the RA (the content key encrypted to the requester
+    itself): the real twistd answers FAILURE badMessageCheck with a reason, not an HTTP error. (That it tries at
+    most scep.MAX_KEY_TRANSPORT_TRIES of them with the RA key is counted in tests/test_scep_codec.py.)"""
+    r = Requester(get_ca_certs(app.url, app.ca_pem))
+    info = cms.ContentInfo.load(scep.build_envelope(b"not for the RA", r.signer, "aes128"))
+    recipients = info["content"]["recipient_infos"]
+    for _ in range(49):
+        recipients.append(recipients[0].copy())
+    r.nonce, r.tid = scep.new_nonce(), scep.new_transaction_id(r.key.public_key())
+    message = scep.build_signed(message_type=scep.MessageType.PKCSReq, transaction_id=r.tid, sender_nonce=r.nonce,
+                                signer_key=r.key, signer_cert=r.signer, content=info.dump(force=True))
+    rep, _ = r.open_reply(_post(app, message))
+    assert rep.pki_status == scep.PkiStatus.FAILURE and rep.fail_info == FailInfo.badMessageCheck
+    assert "could not be decrypted" in rep.fail_info_text
+    assert "Traceback" not in app.log()
 
 
 def _scepclient(app, tmp_path):
