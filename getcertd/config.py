@@ -40,6 +40,7 @@ class RadiusConfig:
 class Config:
     state_dir: str
     server_name: str
+    key_helpers: int  # 0: one per CPU
     https_listen: str
     https_certificate: str
     https_key: str
@@ -97,7 +98,7 @@ def parse_duration(text: str) -> int:
 
 # section -> {key: default}; "profile NAME" sections are handled apart.
 _SCHEMA = {
-    "getcertd": {"state_dir": "/var/lib/getcertd", "server_name": "localhost"},
+    "getcertd": {"state_dir": "/var/lib/getcertd", "server_name": "localhost", "key_helpers": "auto"},
     "https": {"listen": "tcp:8443:interface=127.0.0.1", "certificate": "", "key": "", "max_connections": "1000",
               "request_timeout": "30s", "idle_timeout": "60s"},
     "http": {"listen": ""},
@@ -303,6 +304,7 @@ def _build(v, raw_profiles, source, read_file) -> Config:
 
     return Config(
         state_dir=g["state_dir"], server_name=g["server_name"],
+        key_helpers=0 if g["key_helpers"].strip() == "auto" else _int("getcertd", "key_helpers", g["key_helpers"], 1),
         https_listen=https["listen"], https_certificate=https["certificate"], https_key=https["key"],
         max_connections=_int("https", "max_connections", https["max_connections"], 1),
         request_timeout=max(_dur("https", "request_timeout", https["request_timeout"]), 1),

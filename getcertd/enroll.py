@@ -12,11 +12,10 @@ from typing import Optional
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.logger import Logger
 
-from getcertd import scep
+from getcertd import keyjobs, scep
 from getcertd.ca import random_serial
 from getcertd.auth import Accept, Challenge, ChallengeStore, Identity, Reject, Throttle
 from getcertd.errors import (AuthenticationRequired, AuthUnavailable, FailInfo, MalformedRequest, ScepFailure,
@@ -41,26 +40,22 @@ def _spki(public_key) -> bytes:
 class EnrollmentService:
     """Decides and answers SCEP PKIOperations; shares the issuance log with the rest of the appliance.
 
-    ``run_crypto(f, *args)`` runs private-key work off the reactor thread and returns a Deferred. Only the
-    private-key operations go there (the RA's decryption of the content key, the CA's certificate signature,
-    the RA's CertRep signature), each alone: the worker threads then hold the GIL for a moment per job and the
-    reactor thread, which does all the Python (parsing, policy, building), seldom waits for the lock.
+    ``keys.run(op, arg)`` does the work that needs the CA's or the RA's private key (getcertd.keyjobs: open a
+    PKIOperation, sign a certificate, build a CertRep) and returns a Deferred: getcertd.helpers.KeyHelpers runs
+    it in helper processes, on the other cores; this service does the rest (authentication, policy, the log).
     """
 
-    def __init__(self, *, ca, signer_key, signer_cert, policy, issuance_log, journal, authenticator, clock,
-                 allow_legacy_des=False, renewal_without_auth=False, challenge_user="cn", crl=None,
+    def __init__(self, *, ca, keys, policy, issuance_log, journal, authenticator, clock,
+                 renewal_without_auth=False, challenge_user="cn", crl=None,
                  crl_url=None, challenges: Optional[ChallengeStore] = None, throttle: Optional[Throttle] = None,
-                 address_throttle: Optional[Throttle] = None, stats=None,
-                 run_crypto=threads.deferToThread):
+                 address_throttle: Optional[Throttle] = None, stats=None):
         self.ca = ca
-        self.signer_key = signer_key  # RA key when there is an RA, else the CA key
-        self.signer_cert = signer_cert
+        self.keys = keys
         self.policy = policy
         self.log = issuance_log
         self.journal = journal
         self.authenticator = authenticator
         self.clock = clock
-        self.allow_legacy_des = allow_legacy_des
         self.renewal_without_auth = renewal_without_auth
         self.challenge_user = challenge_user
         self.crl = crl
@@ -70,7 +65,6 @@ class EnrollmentService:
         # Per client address: more lenient, since a whole office may come from one NAT address.
         self.address_throttle = address_throttle or Throttle(free=20, lockout_after=60)
         self.stats = stats
-        self.run_crypto = run_crypto
         self._in_flight = {}  # transactionID -> Deferred of the certificate being issued
         self._pending_users = {}  # user -> issues in progress, counted against the per-user limits
         self._pending_serials = set()
@@ -84,26 +78,27 @@ class EnrollmentService:
 
     async def _pki_operation(self, der, credentials, client, secure):
         try:
-            msg = scep.parse_signed(der)
-        except ScepFailure as failure:  # parsed, but the signature or an algorithm is not acceptable
+            opened = await self.keys.run("open", der)  # verified, decrypted, its CSR read
+        except ScepFailure as failure:  # read, but its signature, an algorithm or its content is not acceptable
             if getattr(failure, "request", None) is None:
                 raise MalformedRequest(failure.text) from None
             return await self._refuse(failure.request, failure, client)
+        msg = opened.message
         try:
             if msg.message_type in (scep.MessageType.PKCSReq, scep.MessageType.RenewalReq):
-                cert, cipher, reply = await self._enroll(msg, credentials, client, secure)
+                cert_der, reply = await self._enroll(opened, credentials, client, secure)
                 if reply is not None:  # built right after signing
                     return reply
             elif msg.message_type == scep.MessageType.CertPoll:
-                cert, cipher = await self._poll(msg)
+                cert_der = await self._poll(msg)
             elif msg.message_type == scep.MessageType.GetCert:
-                cert, cipher = await self._get_cert(msg)
+                cert_der = await self._get_cert(opened.plaintext)
             elif msg.message_type == scep.MessageType.GetCRL:
-                return await self._get_crl(msg)
+                return await self._get_crl(opened)
             else:
                 raise ScepFailure(FailInfo.badRequest, f"unsupported messageType {msg.message_type}")
-            return await self._reply(msg, scep.PkiStatus.SUCCESS, content=scep.degenerate_pkcs7([cert]),
-                                     cipher=cipher)
+            return await self._reply(msg, scep.PkiStatus.SUCCESS, content=scep.certs_only([cert_der]),
+                                     cipher=opened.cipher)
         except ScepFailure as failure:
             return await self._refuse(msg, failure, client)
 
@@ -117,45 +112,22 @@ class EnrollmentService:
         if self.stats is not None:
             self.stats.count(*key)
 
-    async def _reply(self, msg, status, content=None, cipher="aes256", fail_info=None, fail_info_text=None):
-        """The CertRep: built here, signed by the RA key off the reactor thread."""
-        envelope = None
-        if content is not None:
-            envelope = scep.build_envelope(content, msg.signer_cert, cipher=cipher)
-        unsigned = scep.prepare_signed(
-            message_type=scep.MessageType.CertRep, transaction_id=msg.transaction_id,
-            sender_nonce=scep.new_nonce(), recipient_nonce=msg.sender_nonce, signer_cert=self.signer_cert,
-            digest=msg.digest, content=envelope, pki_status=status, fail_info=fail_info,
-            fail_info_text=fail_info_text)
-        return unsigned.finish(await self.run_crypto(scep.sign_attributes, self.signer_key, unsigned.to_sign,
-                                                     msg.digest))
+    def _reply(self, msg, status, content=None, cipher="aes256", fail_info=None, fail_info_text=None):
+        """A Deferred CertRep, built and signed by a key helper (``content``: the certs-only PKCS#7 to encrypt)."""
+        return self.keys.run("cert_rep", keyjobs.cert_rep_job(msg, status, content, cipher, fail_info,
+                                                              fail_info_text))
 
-    async def _decrypt(self, msg):
-        """(plaintext, cipher) of the request's EnvelopedData: read here, its content key unwrapped by the RA key
-        off the reactor thread."""
-        if msg.content is None:
-            raise ScepFailure(FailInfo.badRequest, "the message carries no enveloped content")
-        sealed = scep.open_envelope(msg.content, self.signer_cert, self.allow_legacy_des)
-        return sealed.open(await self.run_crypto(sealed.unwrap, self.signer_key))
-
-    async def _open_request(self, msg):
-        """Decrypt a PKCSReq or RenewalReq and read its CSR: (csr, public key, its SubjectPublicKeyInfo DER,
-        cipher)."""
-        plaintext, cipher = await self._decrypt(msg)
-        csr = scep.parse_csr(plaintext)
+    async def _enroll(self, opened, credentials, client, secure):
+        """(certificate DER, CertRep or None): the CertRep of a new certificate is built with it."""
+        msg = opened.message
+        csr = opened.csr()
         public_key = csr.public_key()
-        return csr, public_key, _spki(public_key), cipher
-
-    async def _enroll(self, msg, credentials, client, secure):
-        """(certificate, cipher, CertRep or None): the CertRep of a new certificate is built with it."""
-        if not isinstance(msg.signer_cert.public_key(), rsa.RSAPublicKey):
-            raise ScepFailure(FailInfo.badAlg, "the message signer needs an RSA key: SCEP returns the certificate "
-                                               "encrypted to it (the CSR's own key may be EC or Ed25519)")
-        csr, public_key, spki, cipher = await self._open_request(msg)
+        spki = _spki(public_key)
 
         previous = self.log.by_transaction(msg.transaction_id)
         if previous is not None:
-            cert = await self._certificate(previous.serial)
+            der = await self.journal.certificate(previous.serial)
+            cert = x509.load_der_x509_certificate(der) if der is not None else None
             if cert is None or _spki(cert.public_key()) != spki:
                 raise ScepFailure(FailInfo.badRequest, "this transactionID was already used for another key")
             # A retry gets the same certificate. A request signed by that certificate is a renewal with the same
@@ -163,15 +135,15 @@ class EnrollmentService:
             if msg.signer_cert != cert and self.now() < cert.not_valid_after_utc:
                 # !r: the transactionID is the client's string (a UTF8String may hold line breaks and escapes)
                 log.info("SCEP retry of transaction {tid!r}: the certificate already issued", tid=msg.transaction_id)
-                return cert, cipher, None
+                return der, None
         pending = self._in_flight.get(msg.transaction_id)
         if pending is not None:  # the same request, retried while the first is still being issued
             waiter = defer.Deferred()
             pending.append(waiter)
-            cert = await waiter
-            if _spki(cert.public_key()) != spki:
+            der = await waiter
+            if _spki(x509.load_der_x509_certificate(der).public_key()) != spki:
                 raise ScepFailure(FailInfo.badRequest, "this transactionID was already used for another key")
-            return cert, cipher, None
+            return der, None
 
         renewal_of = None
         if msg.message_type == scep.MessageType.RenewalReq:
@@ -185,10 +157,10 @@ class EnrollmentService:
 
         waiters = self._in_flight[msg.transaction_id] = []
 
-        def cert_rep(cert):
-            return self._reply(msg, scep.PkiStatus.SUCCESS, scep.degenerate_pkcs7([cert]), cipher)
+        def cert_rep(der):
+            return self._reply(msg, scep.PkiStatus.SUCCESS, scep.certs_only([der]), opened.cipher)
         try:
-            cert, reply = await self._issue(identity, public_key, msg.transaction_id, client, then=cert_rep)
+            der, reply = await self._issue(identity, public_key, msg.transaction_id, client, then=cert_rep)
         except BaseException as e:
             for w in waiters:
                 w.errback(e)
@@ -196,8 +168,8 @@ class EnrollmentService:
         finally:
             del self._in_flight[msg.transaction_id]
         for w in waiters:
-            w.callback(cert)
-        return cert, cipher, reply
+            w.callback(der)
+        return der, reply
 
     def check_held_certificate(self, old: x509.Certificate) -> Record:
         """The issuance record of a certificate a client proves it holds (a RenewalReq signer, an EST TLS client
@@ -307,11 +279,12 @@ class EnrollmentService:
         ScepFailure when the policy refuses; StorageUnavailable when the journal can't record it, and then
         no certificate leaves the server. ``profile`` overrides the policy's choice (already checked).
         """
-        return (await self._issue(identity, public_key, transaction_id, client, profile))[0]
+        der, _ = await self._issue(identity, public_key, transaction_id, client, profile)
+        return x509.load_der_x509_certificate(der)
 
     async def _issue(self, identity, public_key, transaction_id, client, profile=None, then=None):
-        """issue(); with ``then``, the Deferred ``then(cert)`` (the SCEP CertRep) runs while the journal
-        commits, and its result is returned too: (certificate, its result or None)."""
+        """issue(); with ``then``, the Deferred ``then(der)`` (the SCEP CertRep) runs while the journal
+        commits, and its result is returned too: (certificate DER, its result or None)."""
         now = self.now()
         seconds = int(self.clock.seconds())
         user = identity.user
@@ -328,10 +301,8 @@ class EnrollmentService:
         self._pending_users[user] = pending + 1
         self._pending_serials.add(serial)
         try:
-            builder = self.ca.end_entity(public_key, decision.subject, decision.san, decision.not_before,
-                                         decision.not_after, serial, decision.eku, self.crl_url)
-            cert = await self.run_crypto(self.ca.sign, builder)
-            der = cert.public_bytes(serialization.Encoding.DER)
+            der = await self.keys.run("certificate", keyjobs.certificate_job(public_key, decision, serial,
+                                                                              self.crl_url))
             record = Record(serial, user, decision.profile, decision.subject.rfc4514_string(),
                             ", ".join(str(g.value) for g in decision.san), decision.key_type,
                             int(decision.not_before.timestamp()), int(decision.not_after.timestamp()),
@@ -340,7 +311,7 @@ class EnrollmentService:
             committed = self.journal.record_issue(record, der)
             extra = None
             if then is not None:  # built and signed while the journal writes
-                extra = defer.ensureDeferred(then(cert))
+                extra = then(der)
             try:
                 await committed
             except BaseException:
@@ -359,7 +330,7 @@ class EnrollmentService:
         self._count("issued", decision.profile)
         log.info("issued serial {serial:x} to {user!r} ({profile}, until {until}) for {client}", serial=serial,
                  user=identity.user, profile=decision.profile, until=decision.not_after.isoformat(), client=client)
-        return cert, extra
+        return der, extra
 
     def _new_serial(self) -> int:
         while True:
@@ -367,32 +338,25 @@ class EnrollmentService:
             if self.log.get(serial) is None and serial not in self._pending_serials:
                 return serial
 
-    async def _certificate(self, serial):
-        der = await self.journal.certificate(serial)
-        return x509.load_der_x509_certificate(der) if der is not None else None
-
     async def _poll(self, msg):
         """CertPoll: the certificate issued for this transactionID (automatic mode never leaves one pending)."""
-        _content, cipher = await self._decrypt(msg)
         record = self.log.by_transaction(msg.transaction_id)
-        cert = await self._certificate(record.serial) if record is not None else None
-        if cert is None:
+        der = await self.journal.certificate(record.serial) if record is not None else None
+        if der is None:
             raise ScepFailure(FailInfo.badCertId, "no certificate is known for this transactionID")
-        return cert, cipher
+        return der
 
-    async def _get_cert(self, msg):
-        content, cipher = await self._decrypt(msg)
+    async def _get_cert(self, content):
         issuer, serial = scep.parse_issuer_and_serial(content)
-        cert = await self._certificate(serial) if issuer == self.ca.certificate.subject else None
-        if cert is None:
+        der = await self.journal.certificate(serial) if issuer == self.ca.certificate.subject else None
+        if der is None:
             raise ScepFailure(FailInfo.badCertId, f"no certificate of this CA with serial {serial:x} is known")
-        return cert, cipher
+        return der
 
-    async def _get_crl(self, msg):
-        content, cipher = await self._decrypt(msg)
-        issuer, _serial = scep.parse_issuer_and_serial(content)
-        if issuer != self.ca.certificate.subject or self.crl is None or self.crl.der is None:
+    async def _get_crl(self, opened):
+        issuer, _serial = scep.parse_issuer_and_serial(opened.plaintext)
+        crl = self.crl.der if self.crl is not None else None
+        if issuer != self.ca.certificate.subject or crl is None:
             raise ScepFailure(FailInfo.badCertId, "no CRL is published for that issuer")
-        crl = x509.load_der_x509_crl(self.crl.der)
-        return await self._reply(msg, scep.PkiStatus.SUCCESS, content=scep.degenerate_pkcs7([], [crl]),
-                                 cipher=cipher)
+        return await self._reply(opened.message, scep.PkiStatus.SUCCESS, content=scep.certs_only([], [crl]),
+                                 cipher=opened.cipher)

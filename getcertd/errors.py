@@ -36,6 +36,10 @@ class StorageUnavailable(GetcertdError):
     """The journal could not record an issuance: HTTP 503, no certificate leaves the server."""
 
 
+class KeyJobFailed(GetcertdError):
+    """Work for the CA or RA key failed unexpectedly (its key helper process ended, or a bug): HTTP 503, logged."""
+
+
 class ConfigError(GetcertdError):
     """A configuration problem, reported at start with a message naming the file, section and key."""
 

@@ -459,7 +459,7 @@ class Journal(service.Service):
     def _run_in_pool(self, f, *args):
         if self._pool is None:
             # getcertd.workers: a job costs a fraction of Twisted's deferToThreadPool (one per batch of appends).
-            self._pool = WorkerPool(self._reactor, 1, "getcertd-journal", niceness=0)
+            self._pool = WorkerPool(self._reactor, 1, "getcertd-journal")
             pool = self._pool
             self._reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
         return self._pool.run(f, *args)

@@ -1350,11 +1350,17 @@ def _oaep_algorithm(oaep_hash: str) -> bytes:
 def degenerate_pkcs7(certs: Sequence[x509.Certificate],
                      crls: Sequence[x509.CertificateRevocationList] = ()) -> bytes:
     """A certs-only SignedData (no signers, no content), certificates in the given order."""
+    return certs_only([_cert_der(cert) for cert in certs],
+                      [crl.public_bytes(serialization.Encoding.DER) for crl in crls])
+
+
+def certs_only(cert_ders: Sequence[bytes], crl_ders: Sequence[bytes] = ()) -> bytes:
+    """:func:`degenerate_pkcs7` of certificates and CRLs already in DER."""
     body = b"\x02\x01\x01\x31\x00" + _der_tlv(0x30, _DER_DATA)
-    if certs:
-        body += _der_tlv(0xA0, b"".join(_cert_der(cert) for cert in certs))
-    if crls:
-        body += _der_tlv(0xA1, b"".join(crl.public_bytes(serialization.Encoding.DER) for crl in crls))
+    if cert_ders:
+        body += _der_tlv(0xA0, b"".join(cert_ders))
+    if crl_ders:
+        body += _der_tlv(0xA1, b"".join(crl_ders))
     body += b"\x31\x00"
     return _der_tlv(0x30, _DER_SIGNED_DATA + _der_tlv(0xA0, _der_tlv(0x30, body)))
 

@@ -24,13 +24,14 @@ from getcertd.config import parse_config
 from getcertd.crl import CrlPublisher
 from getcertd.enroll import EnrollmentService
 from getcertd.errors import ConfigError
+from getcertd.helpers import KeyHelpers
 from getcertd.httpguard import Drain
+from getcertd.keyjobs import KeyMaterial
 from getcertd.local import LocalAuthenticator
 from getcertd.operations import CompactionService
 from getcertd.policy import Policy
 from getcertd.stats import Stats
 from getcertd import est, est_web, state, web
-from getcertd.workers import WorkerPool
 from getcertd.est_enroll import EstService
 
 log = Logger()
@@ -152,9 +153,10 @@ def _make(config, reactor, now):
     gc.freeze()  # the replayed records live as long as the process: keep them out of every cyclic collection
     journal = Journal(journal_path, issuance_log, reactor)
     journal.setServiceParent(top)  # named "journal"; stopping it flushes and closes the file
-    workers = WorkerPool(reactor)  # the CA's and RA's private-key work: one thread per core, off the reactor
-    workers.setServiceParent(top)  # stops after the drain below: in-flight enrollments finish first
     stats = Stats(reactor, backend=config.auth_backend, log=issuance_log)
+    material = KeyMaterial(ca, ra_key, ra_cert or ca.certificate, config.allow_legacy_des)
+    keys = KeyHelpers(reactor, material.dumps(), size=config.key_helpers or None, stats=stats)
+    keys.setServiceParent(top)  # stops after the drain below: in-flight enrollments finish first
     crl = stats.crl = CrlPublisher(ca, config.state_dir, issuance_log, reactor, interval=config.crl_interval,
                                    lifetime=config.crl_lifetime, run=threads.deferToThread)
     crl.setServiceParent(top)  # named "crl": a CRL at start, every [crl] interval and after each revocation
@@ -175,9 +177,9 @@ def _make(config, reactor, now):
                     profile_map=config.profile_map, skew=config.skew, max_valid_per_user=config.max_valid_per_user,
                     max_per_user_per_hour=config.max_per_user_per_hour)
     enrollment = EnrollmentService(
-        ca=ca, signer_key=ra_key, signer_cert=ra_cert or ca.certificate, policy=policy,
+        ca=ca, keys=keys, policy=policy,
         issuance_log=issuance_log, journal=journal, authenticator=authenticator, clock=reactor,
-        allow_legacy_des=config.allow_legacy_des, renewal_without_auth=config.renewal_without_auth, run_crypto=workers,
+        renewal_without_auth=config.renewal_without_auth,
         challenge_user=config.challenge_user, crl=crl, crl_url=config.crl_url or None,
         challenges=ChallengeStore(), stats=stats)
 
@@ -231,7 +233,7 @@ def _make(config, reactor, now):
         metrics.setServiceParent(top)
     log.info("SCEP at {url}, EST at https://{name}:{port}{est}/", url=scep_url, name=config.server_name, port=port,
              est=est.WELL_KNOWN)
-    top.enrollment = enrollment
+    top.enrollment, top.keys = enrollment, keys
     top.issuance_log = issuance_log
     top.crl, top.stats = crl, stats
     return top

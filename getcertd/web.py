@@ -16,8 +16,8 @@ from twisted.web.http import datetimeToString as http_date
 
 from getcertd.enroll import Credentials
 from getcertd.httpguard import MAX_URI, GuardedSite
-from getcertd.errors import (AuthenticationRequired, AuthUnavailable, MalformedRequest, ScepFailure,
-                             StorageUnavailable, Throttled)
+from getcertd.errors import (AuthenticationRequired, AuthUnavailable, KeyJobFailed, MalformedRequest,
+                             ScepFailure, StorageUnavailable, Throttled)
 
 log = Logger()
 
@@ -72,6 +72,10 @@ def answer_error(request, failure: Failure, est: bool = False) -> bytes:
     if isinstance(e, StorageUnavailable):
         request.setHeader(b"Retry-After", b"10")
         return _plain(request, 503, "issuance is suspended: the issuance log can't be written; try again later")
+    if isinstance(e, KeyJobFailed):
+        log.error("answering {uri}: {error}", uri=request.uri, error=e)
+        request.setHeader(b"Retry-After", b"5")
+        return _plain(request, 503, "the request could not be completed; try again")
     log.failure("unexpected error answering {uri}", failure, uri=request.uri)
     return _plain(request, 500, "internal error")
 

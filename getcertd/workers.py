@@ -1,19 +1,13 @@
-"""A small pool of threads for the private-key work of enrollments (layer 2).
-
-cryptography releases the GIL during RSA private-key operations, so with one worker per core the reactor
-thread keeps serving HTTP while the CA and RA keys sign and decrypt on the other cores. A job should be that
-operation and nothing else (see getcertd.enroll): Python in a worker holds the GIL, and the reactor thread,
-which lets go of it at every socket and OpenSSL call, then waits to get it back.
+"""A small pool of threads with a cheap hand-back (layer 2): the journal's writes and fsyncs run in one.
 
 Twisted's own thread pool (``deferToThreadPool``) costs about 60 to 100 us of CPU per job on this kind of
-machine (its worker team, context propagation, and one reactor wake-up per result). An enrollment makes three
-jobs, and that overhead is paid while holding the GIL, so :class:`WorkerPool` does less: jobs go
-through a C ``SimpleQueue``, and finished jobs are handed back in batches: a worker wakes the reactor only
-when no hand-back is already pending, and the reactor fires every finished job's Deferred in one go.
+machine (its worker team, context propagation, and one reactor wake-up per result), paid while holding the
+GIL. :class:`WorkerPool` does less: jobs go through a C ``SimpleQueue``, and finished jobs are handed back in
+batches: a worker wakes the reactor only when no hand-back is already pending, and the reactor fires every
+finished job's Deferred in one go. (The CA's and RA's key work runs in processes: getcertd.helpers.)
 """
 import os
 import queue
-import sys
 import threading
 from collections import deque
 
@@ -22,23 +16,6 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 _STOP = object()
-NICENESS = 10  # how far below the reactor thread the workers run
-
-
-def _lower_priority(increment: int) -> None:
-    """Run the calling thread ``increment`` nice levels lower (Linux: priorities are per thread there).
-
-    At saturation the workers and the reactor thread compete for the cores, and the reactor thread, which serves
-    every connection and every timer, used to wait longer for a CPU than it ran. Lower, the workers still get every
-    cycle it leaves, and it goes first. Elsewhere PRIO_PROCESS with a thread ID would name a process: left alone.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
-    except OSError:
-        pass
 
 
 class WorkerPool(service.Service):
@@ -46,7 +23,6 @@ class WorkerPool(service.Service):
 
     :param reactor: fires the Deferreds on its thread (``callFromThread``).
     :param size: the number of threads; default: the number of CPUs.
-    :param niceness: how many nice levels below the reactor thread the threads run (Linux).
 
     The threads start with the service (or with the first job) and stop with it, after finishing the jobs
     already queued. A job submitted after stopping fails with RuntimeError.
@@ -54,9 +30,8 @@ class WorkerPool(service.Service):
 
     name = "workers"
 
-    def __init__(self, reactor, size=None, thread_name="getcertd-crypto", niceness=NICENESS):
+    def __init__(self, reactor, size=None, thread_name="getcertd-worker"):
         self._reactor = reactor
-        self._niceness = niceness
         self.size = max(1, size or os.cpu_count() or 1)
         self._thread_name = thread_name
         self._jobs = queue.SimpleQueue()
@@ -113,8 +88,6 @@ class WorkerPool(service.Service):
         return joined
 
     def _work(self):
-        if self._niceness:
-            _lower_priority(self._niceness)
         get = self._jobs.get
         while True:
             job = get()

@@ -22,6 +22,8 @@ def test_sample_config_parses_with_every_key():
     assert cfg.ca_key_type == "rsa2048" and cfg.ra and not cfg.allow_legacy_des
     assert cfg.profiles["default"].lifetime == 8 * 3600 and cfg.skew == 120
     assert cfg.profiles["default"].eku == ("ipsecIKE", "clientAuth")
+    assert cfg.key_helpers == 0  # auto: one per CPU
+    assert parse_config(BASE.replace("[auth]", "key_helpers = 3\n[auth]")).key_helpers == 3
 
 
 @pytest.mark.parametrize("text,expected", [("90", 90), ("30s", 30), ("10m", 600), ("8h", 28800), ("2d", 172800)])
@@ -43,6 +45,12 @@ def test_config_errors_name_the_key(extra, needle):
     with pytest.raises(ConfigError) as e:
         parse_config(base + extra, "test.ini")
     assert needle in str(e.value) and str(e.value).startswith("test.ini")
+
+
+@pytest.mark.parametrize("value,needle", [("0", "must be at least 1"), ("many", "expected a whole number")])
+def test_key_helpers_is_auto_or_a_count(value, needle):
+    with pytest.raises(ConfigError, match=r"\[getcertd\] key_helpers: " + needle):
+        parse_config(BASE.replace("[auth]", f"key_helpers = {value}\n[auth]"), "test.ini")
 
 
 def test_radius_and_profiles():

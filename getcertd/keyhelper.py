@@ -1,0 +1,69 @@
+"""A key helper process: ``python -m getcertd.keyhelper``, started by getcertd.helpers (an edge, like tap.py).
+
+It reads frames from stdin and writes frames to stdout. Every frame is a 4-byte big-endian length and that many
+bytes. The first frame is the key material (getcertd.keyjobs.KeyMaterial.dumps); each later one is a job: a
+4-byte job number and a marshal'd (operation, argument). Each answer is the job number and its result
+(getcertd.keyjobs.encode_result / encode_error). It ends at the end of its input.
+"""
+import marshal
+import os
+import struct
+import sys
+
+_HEAD = struct.Struct(">I")
+NICENESS = 10  # below the appliance's reactor thread: it serves every connection and goes first
+
+
+def _frames(fd: int):
+    """The frames read from ``fd``, in as few reads as there is data for."""
+    buf = bytearray()
+    while True:
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            if buf:
+                raise EOFError("the appliance closed the pipe inside a frame")
+            return
+        buf += chunk
+        pos, end = 0, len(buf)
+        while end - pos >= 4:
+            (n,) = _HEAD.unpack_from(buf, pos)
+            if end - pos - 4 < n:
+                break
+            yield bytes(buf[pos + 4:pos + 4 + n])
+            pos += 4 + n
+        del buf[:pos]
+
+
+def _write(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def serve(read_fd: int, write_fd: int) -> None:
+    from getcertd import keyjobs
+    frames = _frames(read_fd)
+    material = keyjobs.KeyMaterial.loads(next(frames))
+    ops = keyjobs.OPS
+    for frame in frames:
+        job_id = frame[:4]
+        try:
+            op, arg = marshal.loads(frame[4:])
+            result = keyjobs.encode_result(op, ops[op](material, arg))
+        except Exception as e:  # noqa: BLE001 - every failure becomes a typed answer for this job
+            result = keyjobs.encode_error(e)
+        _write(write_fd, _HEAD.pack(len(result) + 4) + job_id + result)
+
+
+def main() -> None:
+    try:
+        os.nice(NICENESS)
+    except OSError:
+        pass
+    read_fd, write_fd = sys.stdin.fileno(), sys.stdout.fileno()
+    sys.stdout = sys.stderr  # nothing else may write into the answer pipe
+    serve(read_fd, write_fd)
+
+
+if __name__ == "__main__":
+    main()
