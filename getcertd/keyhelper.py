@@ -7,6 +7,7 @@ bytes. The first frame is the key material (getcertd.keyjobs.KeyMaterial.dumps);
 """
 import marshal
 import os
+import signal
 import struct
 import sys
 
@@ -56,6 +57,11 @@ def serve(read_fd: int, write_fd: int) -> None:
 
 
 def main() -> None:
+    # systemd's stop (KillMode=control-group) and a terminal's Ctrl-C signal every process of the appliance at
+    # once; a helper must not die then: the appliance is finishing its enrollments in progress, and a helper
+    # ends when the appliance closes its input (after that), or when the appliance is gone (end of input).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         os.nice(NICENESS)
     except OSError:

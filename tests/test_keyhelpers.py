@@ -249,10 +249,11 @@ def test_a_killed_helper_fails_its_own_jobs_and_is_replaced(material, requester)
 
 
 def test_a_running_appliance_replaces_a_killed_helper(appliance_factory):
-    """Against a real twistd: its key helpers are its children; one killed (as a crash would), the next
-    enrollments still succeed, the log says what happened, and stopping twistd ends the helpers."""
+    """Against a real twistd: its key helpers are its children; SIGTERM and SIGINT don't stop them (twistd does,
+    after its drain); one killed (as a crash would), the next enrollments still succeed, the log says what
+    happened, and stopping twistd ends the helpers."""
     from scepclient import Requester, basic, get_ca_certs, http
-    app = appliance_factory(users={"alice": "alice-pass"})
+    app = appliance_factory({"policy": {"max_valid_per_user": "0"}}, users={"alice": "alice-pass"})
     with open(f"/proc/{app.proc.pid}/task/{app.proc.pid}/children") as f:
         helpers = [int(p) for p in f.read().split()]
     assert len(helpers) == (os.cpu_count() or 1)
@@ -266,6 +267,12 @@ def test_a_running_appliance_replaces_a_killed_helper(appliance_factory):
         rep, issued = r.open_reply(body)
         assert rep.pki_status == scep.PkiStatus.SUCCESS
         return issued[0]
+    enroll()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # systemd's stop and Ctrl-C reach every process in the group:
+        for pid in helpers:                        # the helpers wait for twistd to finish and close their pipes
+            os.kill(pid, sig)
+    time.sleep(0.3)
+    assert all(_alive(p) for p in helpers)
     enroll()
     os.kill(helpers[0], signal.SIGKILL)
     deadline = time.monotonic() + 10
