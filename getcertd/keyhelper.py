@@ -68,7 +68,10 @@ def main() -> None:
         pass
     read_fd, write_fd = sys.stdin.fileno(), sys.stdout.fileno()
     sys.stdout = sys.stderr  # nothing else may write into the answer pipe
-    serve(read_fd, write_fd)
+    try:
+        serve(read_fd, write_fd)
+    except (BrokenPipeError, EOFError):  # the appliance is gone: nobody is left to answer
+        pass
 
 
 if __name__ == "__main__":

@@ -22,6 +22,21 @@ def free_port(family=socket.AF_INET, kind=socket.SOCK_STREAM, host="127.0.0.1"):
         return s.getsockname()[1]
 
 
+def running(pid):
+    """Whether ``pid`` is a live process (a zombie waiting for its parent to reap it is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def children(pid):
+    """The process IDs of ``pid``'s children (getcertd's key helpers)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
 def add_user(users_file, user, password):
     p = subprocess.run([tool("getcertd-users"), "--file", users_file, "add", user], input=password + "\n",
                        capture_output=True, text=True)

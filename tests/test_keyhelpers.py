@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from twisted.internet import defer, reactor, task
 
+from appliance import children, running
 from getcertd import keyjobs, scep
 from getcertd.ca import CertificateAuthority, make_ca_certificate
 from getcertd.errors import FailInfo, KeyJobFailed, MalformedRequest, ScepFailure
@@ -181,14 +182,6 @@ def test_a_malformed_result_is_key_job_failed(data):
 
 # --- real helper processes ------------------------------------------------------------------------------------
 
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 @pytest_twisted.inlineCallbacks
 def test_helpers_do_jobs_in_their_own_processes_and_end_with_the_service(material, requester):
     helpers = KeyHelpers(reactor, material.dumps(), size=2)
@@ -214,7 +207,7 @@ def test_helpers_do_jobs_in_their_own_processes_and_end_with_the_service(materia
                 assert b"PRIVATE" not in f.read()
     finally:
         yield helpers.stopService()
-    assert not any(_alive(p) for p in pids)
+    assert not any(running(p) for p in pids)
     with pytest.raises(KeyJobFailed, match="no key helper"):
         yield helpers.run("open", b"x")
 
@@ -254,8 +247,7 @@ def test_a_running_appliance_replaces_a_killed_helper(appliance_factory):
     happened, and stopping twistd ends the helpers."""
     from scepclient import Requester, basic, get_ca_certs, http
     app = appliance_factory({"policy": {"max_valid_per_user": "0"}}, users={"alice": "alice-pass"})
-    with open(f"/proc/{app.proc.pid}/task/{app.proc.pid}/children") as f:
-        helpers = [int(p) for p in f.read().split()]
+    helpers = children(app.proc.pid)
     assert len(helpers) == (os.cpu_count() or 1)
     certs = get_ca_certs(app.url, app.ca_pem)
 
@@ -272,11 +264,11 @@ def test_a_running_appliance_replaces_a_killed_helper(appliance_factory):
         for pid in helpers:                        # the helpers wait for twistd to finish and close their pipes
             os.kill(pid, sig)
     time.sleep(0.3)
-    assert all(_alive(p) for p in helpers)
+    assert all(running(p) for p in helpers)
     enroll()
     os.kill(helpers[0], signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while _alive(helpers[0]) and time.monotonic() < deadline:  # gone, not just signalled (else in flight)
+    while running(helpers[0]) and time.monotonic() < deadline:  # gone, not just signalled (else in flight)
         time.sleep(0.05)
     for _ in range(4):
         enroll()
@@ -287,11 +279,10 @@ def test_a_running_appliance_replaces_a_killed_helper(appliance_factory):
     deadline, now = time.monotonic() + 10, []
     while len(now) < len(helpers) and time.monotonic() < deadline:  # replaced (a second later if it was new)
         time.sleep(0.1)
-        with open(f"/proc/{app.proc.pid}/task/{app.proc.pid}/children") as f:
-            now = [int(p) for p in f.read().split()]
+        now = children(app.proc.pid)
     assert helpers[0] not in now and len(now) == len(helpers)
     app.stop()
-    assert not any(_alive(p) for p in now)
+    assert not any(running(p) for p in now)
 
 
 @pytest_twisted.inlineCallbacks

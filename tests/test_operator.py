@@ -16,7 +16,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from appliance import free_port, tool
+from appliance import children, free_port, running, tool
 from getcertd import scep
 from getcertd.operations import format_serial
 from manholeclient import ManholeSession, ssh_command, ssh_keygen
@@ -300,9 +300,14 @@ def test_sigkill_during_a_burst_loses_no_certificate_a_client_received(appliance
     for t in threads:
         t.start()
     assert enough.wait(120)
+    helpers = children(app.proc.pid)
     app.stop(signal.SIGKILL)
     for t in threads:
         t.join(60)
+    deadline = time.monotonic() + 10  # its key helpers see the end of their input and end too: no orphans
+    while any(running(p) for p in helpers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert helpers and not any(running(p) for p in helpers)
     assert len(received) < per_thread * threads_n, "the burst was over before the kill"
     # getcertd-admin on the stopped appliance's state dir: the kill left the lock free
     p = admin("--state-dir", app.state_dir, "list")
