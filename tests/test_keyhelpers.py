@@ -302,3 +302,19 @@ def test_a_helper_that_cannot_run_is_retried_once_a_second_and_jobs_fail_clearly
     restarts = helpers.restarts
     yield task.deferLater(reactor, 1.5, lambda: None)
     assert helpers.restarts == restarts and not helpers.helpers
+
+
+@pytest_twisted.inlineCallbacks
+def test_stopping_kills_a_helper_that_does_not_end(material, monkeypatch):
+    """A helper that keeps running after its input is closed (a job stuck in a loop, say) is killed after
+    STOP_TIMEOUT, so that twistd can stop."""
+    import sys
+    from getcertd import helpers as helpers_module
+    monkeypatch.setattr(helpers_module, "STOP_TIMEOUT", 0.5)
+    stuck = KeyHelpers(reactor, material.dumps(), size=1,
+                       argv=[sys.executable, "-c", "import time\nwhile True: time.sleep(1)"])
+    stuck.startService()
+    pid = stuck.pids[0]
+    started = time.monotonic()
+    yield stuck.stopService()
+    assert 0.4 < time.monotonic() - started < 5 and not running(pid)
