@@ -32,9 +32,19 @@ def running(pid):
 
 
 def children(pid):
-    """The process IDs of ``pid``'s children (getcertd's key helpers)."""
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(c) for c in f.read().split()]
+    """The process IDs of ``pid``'s live children (getcertd's key helpers), from every /proc/N/stat: the kernel's
+    /proc/PID/task/TID/children misses some while the process has other threads running."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rpartition(")")[2].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(name))
+    return sorted(found)
 
 
 def add_user(users_file, user, password):
