@@ -261,7 +261,11 @@ class CrlPublisher(service.Service):
 
     def startService(self):
         super().startService()
-        self._loop.start(self.interval, now=True)
+        if self.der is None and self._running is None:
+            # The first CRL on this thread, before the listeners start (they are started after this service):
+            # a gateway or client asking right after a restart gets a CRL, not a 503.
+            self._generate(defer.maybeDeferred)
+        self._loop.start(self.interval, now=False)
 
     def stopService(self):
         super().stopService()
@@ -290,7 +294,7 @@ class CrlPublisher(service.Service):
     def _tick(self):
         self.publish().addErrback(lambda f: None)  # logged in _generated
 
-    def _generate(self):
+    def _generate(self, run=None):
         waiters, self._waiting = self._waiting, []
         now = int(self.clock.seconds())
         number = self._last_number + 1
@@ -299,7 +303,7 @@ class CrlPublisher(service.Service):
                    for r in self.log.revoked_unexpired(now - self.interval)]
         this_update = datetime.datetime.fromtimestamp(now, _UTC)
         next_update = datetime.datetime.fromtimestamp(now + self.lifetime, _UTC)
-        d = self._running = self._run(self._make, number, revoked, this_update, next_update)
+        d = self._running = (run or self._run)(self._make, number, revoked, this_update, next_update)
         d.addBoth(self._generated, waiters, number, this_update, next_update, len(revoked))
 
     def _make(self, number, revoked, this_update, next_update):
