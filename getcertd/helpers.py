@@ -169,7 +169,8 @@ class _Helper(protocol.ProcessProtocol):
     def _broken(self, what):
         log.error("key helper {pid} sent {what}; stopping it", pid=self.pid, what=what)
         self.buffer.clear()
-        self.transport.signalProcess("KILL")
+        if not self.ended:  # (its last words may be read after it ended)
+            self.transport.signalProcess("KILL")
 
     def processEnded(self, reason):
         self.ended = True

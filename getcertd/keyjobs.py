@@ -2,8 +2,8 @@
 
 A key helper process (getcertd.keyhelper, run by getcertd.helpers) does these jobs, so that the CMS parsing,
 the decryption, the certificate building and the CertRep building of many requests run on all the cores, each
-helper with its own interpreter, while the reactor thread serves HTTP, authenticates and decides. The same
-functions run in-process in tests (:class:`KeyJobs`).
+helper with its own interpreter, while the reactor thread serves HTTP, authenticates and decides. Tests call
+the same functions in-process.
 
 * :func:`open_message`: a PKIOperation body -> the verified message, its decrypted content and, for PKCSReq and
   RenewalReq, the CSR (its proof of possession checked).
@@ -159,16 +159,6 @@ def _general_name(g) -> tuple:
 
 
 OPS = {"open": open_message, "certificate": certificate, "cert_rep": cert_rep}
-
-
-class KeyJobs:
-    """The jobs run in-process (tests, tools): the same interface as getcertd.helpers.KeyHelpers, synchronous."""
-
-    def __init__(self, material: KeyMaterial):
-        self.material = material
-
-    def run(self, op: str, arg):
-        return OPS[op](self.material, arg)
 
 
 # --- results on the wire (helper -> appliance) ----------------------------------------------------------------

@@ -318,3 +318,23 @@ def test_stopping_kills_a_helper_that_does_not_end(material, monkeypatch):
     started = time.monotonic()
     yield stuck.stopService()
     assert 0.4 < time.monotonic() - started < 5 and not running(pid)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_helper_that_answers_nonsense_is_killed_and_its_jobs_fail(material):
+    """A frame too short to be an answer (a helper gone wrong): the appliance kills that helper, fails its jobs
+    with KeyJobFailed and starts another; it never takes the bytes for a result."""
+    import sys
+    program = "import os, time\nos.write(1, b'\\x00\\x00\\x00\\x02xx')\ntime.sleep(30)"
+    helpers = KeyHelpers(reactor, material.dumps(), size=1, argv=[sys.executable, "-c", program])
+    helpers.startService()
+    try:
+        pid = helpers.pids[0]
+        outcome = yield defer.DeferredList([helpers.run("open", b"x")], consumeErrors=True)
+        assert outcome[0][1].check(KeyJobFailed)
+        deadline = time.monotonic() + 5
+        while not helpers.restarts and time.monotonic() < deadline:  # killed, reaped, replaced
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        assert not running(pid) and helpers.restarts >= 1
+    finally:
+        yield helpers.stopService()
