@@ -18,11 +18,10 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 from getcertd.errors import KeyJobFailed
-from getcertd.keyjobs import decode_result
+from getcertd.keyjobs import decode_result, frame, take_frames
 
 log = Logger()
-_HEAD = struct.Struct(">I")
-_ID = struct.Struct(">I")
+_ID = struct.Struct(">I")  # a job's number, in front of the job and of its answer
 MAX_RESULT = 16 << 20  # a CertRep or a certificate is a few KB; more is a broken helper
 RESTART_DELAY = 1.0  # a helper that ends within this long of starting is started again only after it
 STOP_TIMEOUT = 10.0  # how long stopping waits for a helper to finish its jobs
@@ -71,7 +70,7 @@ class _Helper(protocol.ProcessProtocol):
         os.set_blocking(self.result_read, False)
         self.reader = _Pipe(self.result_read, self._read)
         self.writer = _Pipe(self.job_write, self._flush)
-        self._queue(_HEAD.pack(len(material)) + material)
+        self._queue(frame(material))
 
     def connectionMade(self):
         self.pid = self.transport.pid  # the transport forgets it when the process ends
@@ -83,7 +82,7 @@ class _Helper(protocol.ProcessProtocol):
     def send(self, job_id: int, op: str, arg, d: defer.Deferred) -> bool:
         """Give it a job; False if it has gone (its pipe is closed) and can't take one."""
         data = marshal.dumps((op, arg))
-        if not self._queue(_HEAD.pack(len(data) + 4) + _ID.pack(job_id) + data):
+        if not self._queue(frame(_ID.pack(job_id), data)):
             return False
         self.jobs[job_id] = (op, d)
         return True
@@ -129,31 +128,31 @@ class _Helper(protocol.ProcessProtocol):
         if not data:
             self.pool.reactor.removeReader(self.reader)
             return
-        buf = self.buffer
-        buf += data
-        pos, end = 0, len(buf)
-        while end - pos >= 4:
-            (n,) = _HEAD.unpack_from(buf, pos)
-            if n < 5 or n > MAX_RESULT:
-                self._broken(f"a frame of {n} bytes")
+        self.buffer += data
+        frames = take_frames(self.buffer, MAX_RESULT)
+        while True:
+            try:
+                answer = next(frames)
+            except StopIteration:
                 return
-            if end - pos - 4 < n:
-                break
-            (job_id,) = _ID.unpack_from(buf, pos + 4)
-            result = bytes(buf[pos + 8:pos + 4 + n])
-            pos += 4 + n
+            except ValueError as e:
+                self._broken(str(e))
+                return
+            if len(answer) < 5:
+                self._broken(f"a frame of {len(answer)} bytes")
+                return
+            (job_id,) = _ID.unpack_from(answer)
             job = self.jobs.pop(job_id, None)
             if job is None:
                 self._broken(f"an answer to job {job_id}, which it was not given")
                 return
             op, d = job
             try:
-                value = decode_result(op, result)
+                value = decode_result(op, answer[4:])
             except Exception as e:  # noqa: BLE001 - the job's typed error, for its caller
                 d.errback(e)
             else:
                 d.callback(value)
-        del buf[:pos]
 
     def close_input(self):
         """No more jobs: the helper finishes the ones it has and ends."""
@@ -178,8 +177,6 @@ class _Helper(protocol.ProcessProtocol):
         self.pool.reactor.removeReader(self.reader)
         self.close_input()
         os.close(self.result_read)
-        for fd in self.child_fds:
-            os.close(fd)
         jobs, self.jobs = self.jobs, {}
         for op, d in jobs.values():
             d.errback(KeyJobFailed("the key helper stopped during the request"))

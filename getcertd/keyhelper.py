@@ -8,15 +8,14 @@ bytes. The first frame is the key material (getcertd.keyjobs.KeyMaterial.dumps);
 import marshal
 import os
 import signal
-import struct
 import sys
 
-_HEAD = struct.Struct(">I")
 NICENESS = 10  # below the appliance's reactor thread: it serves every connection and goes first
 
 
 def _frames(fd: int):
     """The frames read from ``fd``, in as few reads as there is data for."""
+    from getcertd.keyjobs import take_frames
     buf = bytearray()
     while True:
         chunk = os.read(fd, 1 << 20)
@@ -25,14 +24,7 @@ def _frames(fd: int):
                 raise EOFError("the appliance closed the pipe inside a frame")
             return
         buf += chunk
-        pos, end = 0, len(buf)
-        while end - pos >= 4:
-            (n,) = _HEAD.unpack_from(buf, pos)
-            if end - pos - 4 < n:
-                break
-            yield bytes(buf[pos + 4:pos + 4 + n])
-            pos += 4 + n
-        del buf[:pos]
+        yield from take_frames(buf)
 
 
 def _write(fd: int, data: bytes) -> None:
@@ -53,7 +45,7 @@ def serve(read_fd: int, write_fd: int) -> None:
             result = keyjobs.encode_result(op, ops[op](material, arg))
         except Exception as e:  # noqa: BLE001 - every failure becomes a typed answer for this job
             result = keyjobs.encode_error(e)
-        _write(write_fd, _HEAD.pack(len(result) + 4) + job_id + result)
+        _write(write_fd, keyjobs.frame(job_id, result))
 
 
 def main() -> None:

@@ -161,6 +161,30 @@ def _general_name(g) -> tuple:
 OPS = {"open": open_message, "certificate": certificate, "cert_rep": cert_rep}
 
 
+# --- frames on the pipes, both ways: a 4-byte big-endian length, then that many bytes ---------------------------
+
+def frame(*parts: bytes) -> bytes:
+    body = b"".join(parts)
+    return _LENGTH.pack(len(body)) + body
+
+
+def take_frames(buf: bytearray, most: Optional[int] = None):
+    """Yield the whole frames at the start of ``buf``, taking them out of it (also when the caller stops early);
+    ValueError at a frame that announces more than ``most`` bytes (those before it are yielded first)."""
+    pos = 0
+    try:
+        while len(buf) - pos >= 4:
+            (n,) = _LENGTH.unpack_from(buf, pos)
+            if most is not None and n > most:
+                raise ValueError(f"a frame of {n} bytes")
+            if len(buf) - pos - 4 < n:
+                return
+            start, pos = pos + 4, pos + 4 + n  # taken before the yield: a caller that stops here took it
+            yield bytes(buf[start:pos])
+    finally:
+        del buf[:pos]
+
+
 # --- results on the wire (helper -> appliance) ----------------------------------------------------------------
 # A result: one byte of kind, then fields, each a 4-byte length (0xFFFFFFFF: None) and its bytes.
 

@@ -180,6 +180,24 @@ def test_a_malformed_result_is_key_job_failed(data):
         keyjobs.decode_result("certificate", data)
 
 
+def test_frames_come_out_whole_and_the_buffer_keeps_the_rest():
+    stream = keyjobs.frame(b"one") + keyjobs.frame(b"tw", b"o") + keyjobs.frame(b"three")
+    buf, got = bytearray(), []
+    for i in range(0, len(stream), 5):  # as a pipe may cut it
+        buf += stream[i:i + 5]
+        got += keyjobs.take_frames(buf)
+    assert got == [b"one", b"two", b"three"] and buf == b""
+    buf = bytearray(stream)
+    for first in keyjobs.take_frames(buf):  # a caller that stops after one took only that one
+        break
+    assert first == b"one" and bytes(buf) == stream[len(keyjobs.frame(b"one")):]
+    buf, got = bytearray(keyjobs.frame(b"ok") + b"\x00\x01\x00\x00" + b"x" * 10), []
+    with pytest.raises(ValueError, match="65536 bytes"):
+        for f in keyjobs.take_frames(buf, most=1000):
+            got.append(f)
+    assert got == [b"ok"]  # what came before the oversized frame was delivered
+
+
 # --- real helper processes ------------------------------------------------------------------------------------
 
 @pytest_twisted.inlineCallbacks
