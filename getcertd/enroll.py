@@ -154,13 +154,15 @@ class EnrollmentService:
             identity = await self._authenticate(credentials, csr, client, secure)
         if renewal_of is not None and identity.user != renewal_of.user:
             raise ScepFailure(FailInfo.badRequest, "a renewal must be made by the holder of the certificate")
+        replaces = renewal_of or self._held_by(msg.signer_cert, identity.user)
 
         waiters = self._in_flight[msg.transaction_id] = []
 
         def cert_rep(der):
             return self._reply(msg, scep.PkiStatus.SUCCESS, scep.certs_only([der]), opened.cipher)
         try:
-            der, reply = await self._issue(identity, public_key, msg.transaction_id, client, then=cert_rep)
+            der, reply = await self._issue(identity, public_key, msg.transaction_id, client, then=cert_rep,
+                                           replaces=replaces)
         except BaseException as e:
             for w in waiters:
                 w.errback(e)
@@ -189,6 +191,17 @@ class EnrollmentService:
         if record.revoked_at is not None:
             raise ScepFailure(FailInfo.badCertId, "the certificate being renewed was revoked")
         return record
+
+    def _held_by(self, certificate: x509.Certificate, user: str) -> Optional[Record]:
+        """The record of a good certificate of ours that ``user`` signed a PKCSReq with (a re-enrollment, as
+        certmonger's resubmit sends it), or None: any other signer makes it a new enrollment, as before."""
+        if certificate.issuer != self.ca.certificate.subject:
+            return None
+        try:
+            record = self.check_held_certificate(certificate)
+        except ScepFailure:
+            return None
+        return record if record.user == user else None
 
     async def authenticate(self, credentials: Optional[Credentials], client: str) -> Identity:
         """Check HTTP Basic credentials, or a response to a challenge (SCEP and EST share this).
@@ -273,16 +286,19 @@ class EnrollmentService:
         return str(values[0].value)
 
     async def issue(self, identity: Identity, public_key, transaction_id: str, client: str,
-                    profile: Optional[str] = None) -> x509.Certificate:
+                    profile: Optional[str] = None, replaces: Optional[Record] = None) -> x509.Certificate:
         """Decide (policy), sign and journal a certificate for ``identity`` (SCEP and EST share this).
 
         ScepFailure when the policy refuses; StorageUnavailable when the journal can't record it, and then
         no certificate leaves the server. ``profile`` overrides the policy's choice (already checked).
+        ``replaces``: the user's certificate this one renews (its holder proved it has it), which then does not
+        count against ``max_valid_per_user``: a renewal must not be refused because the certificate it
+        replaces is still valid. It still counts as an issue against ``max_per_user_per_hour``.
         """
-        der, _ = await self._issue(identity, public_key, transaction_id, client, profile)
+        der, _ = await self._issue(identity, public_key, transaction_id, client, profile, replaces=replaces)
         return x509.load_der_x509_certificate(der)
 
-    async def _issue(self, identity, public_key, transaction_id, client, profile=None, then=None):
+    async def _issue(self, identity, public_key, transaction_id, client, profile=None, then=None, replaces=None):
         """issue(); with ``then``, the Deferred ``then(der)`` (the SCEP CertRep) runs while the journal
         commits, and its result is returned too: (certificate DER, its result or None)."""
         now = self.now()
@@ -291,8 +307,10 @@ class EnrollmentService:
         pending = self._pending_users.get(user, 0)  # issues of this user still being signed or journalled
         policy = self.policy
         # The per-user limits scan the user's records: only when they are on.
-        valid_count = len(self.log.valid_for_user(user, seconds)) + pending \
-            if getattr(policy, "max_valid_per_user", 1) else 0
+        valid_count = 0
+        if getattr(policy, "max_valid_per_user", 1):
+            valid = self.log.valid_for_user(user, seconds)
+            valid_count = len(valid) + pending - (replaces is not None and any(r is replaces for r in valid))
         issued_last_hour = self.log.count_issued_since(user, seconds - 3600) + pending \
             if getattr(policy, "max_per_user_per_hour", 1) else 0
         decision = policy.decide(identity, public_key, now, self.ca.not_after(), valid_count=valid_count,

@@ -54,16 +54,17 @@ class EstService:
         try:
             csr = scep.parse_csr(der)  # proof of possession
             bound = est.check_channel_binding(csr, tls.binding)
-            granted = None
+            granted = replaces = None
             if credentials is None and reenroll and tls.peer_certificate is not None:
-                identity, granted = self._holder(tls.peer_certificate, client)
+                identity, replaces = self._holder(tls.peer_certificate, client)
+                granted = replaces.profile
             else:
                 identity = await self.enrollment.authenticate(credentials, client)
             profile = self.policy.choose_profile(identity, label, granted) if label else granted
             public_key = csr.public_key()
             spki = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
             cert = await self.enrollment.issue(identity, public_key, "est-" + hashlib.sha1(spki).hexdigest(),
-                                               client, profile=profile)
+                                               client, profile=profile, replaces=replaces)
         except ScepFailure as failure:
             if self.enrollment.stats is not None:
                 self.enrollment.stats.count("refused", failure.fail_info.name)
@@ -76,7 +77,7 @@ class EstService:
         return est.certs_only([cert])
 
     def _holder(self, certificate, client):
-        """(identity, profile) of the holder of a TLS client certificate that this CA issued.
+        """(identity, issuance record) of the holder of a TLS client certificate that this CA issued.
 
         The renewal keeps the profile and, at most, the lifetime of the certificate being renewed. Allowed
         only with [scep] renewal_without_auth (off by default: a chain of renewals must not outlive what the
@@ -93,4 +94,4 @@ class EstService:
             raise AuthenticationRequired("renewal with a client certificate alone is off here "
                                          "([scep] renewal_without_auth); authenticate with a password")
         lifetime = max(60, record.not_after - record.issued_at)
-        return Identity(user=record.user, method=CLIENT_CERT_METHOD, session_timeout=lifetime), record.profile
+        return Identity(user=record.user, method=CLIENT_CERT_METHOD, session_timeout=lifetime), record

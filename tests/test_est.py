@@ -396,6 +396,25 @@ def test_client_certificate_simplereenroll(app, tmp_path):
     assert status == 200 and certs_of(body)[0].subject.rfc4514_string() == "CN=bob,OU=remote-access,O=getcertd"
 
 
+def test_a_renewal_is_not_refused_for_the_certificate_it_replaces(appliance_factory, tmp_path):
+    """max_valid_per_user = 1: a second certificate is refused, a renewal by the holder of the first is not (the
+    certificate it replaces does not count), and a second renewal of the same certificate is (the first
+    renewal's certificate does)."""
+    app = appliance_factory(sections={"policy": {"max_valid_per_user": "1"}, "scep": {"renewal_without_auth": "yes"}},
+                            users={"alice": PASSWORD})
+    out = tmp_path / "scep"
+    p = app.getcert("alice", [PASSWORD], out)
+    assert p.returncode == 0, p.stderr
+    cert_file, key_file = str(out / "cert.pem"), str(out / "key.pem")
+    status, _, body = reenroll_with_python_ssl(app, None, None, "simpleenroll", headers=basic("alice", PASSWORD))
+    assert status == 400 and "still valid (limit 1)" in one_line(body)
+    status, _, body = reenroll_with_python_ssl(app, cert_file, key_file)
+    assert status == 200, body
+    assert record_of(app, certs_of(body)[0]).auth_method == "tls-client-cert"
+    status, _, body = reenroll_with_python_ssl(app, cert_file, key_file)
+    assert status == 400 and "still valid (limit 1)" in one_line(body)
+
+
 def test_client_certificate_alone_needs_renewal_without_auth(appliance_factory, tmp_path):
     app = appliance_factory(users={"alice": PASSWORD})  # [scep] renewal_without_auth = no (the default)
     out = tmp_path / "est"

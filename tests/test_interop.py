@@ -134,6 +134,43 @@ def test_strongswan_pki_renews(app, pki, scep_ca, tmp_path, new_key):
         assert new.serial_number != old.serial_number
 
 
+def test_renewals_at_a_limit_of_one_valid_certificate(appliance_factory, pki, tmp_path):
+    """max_valid_per_user = 1. A second certificate for a new key is refused; a renewal is not, whether it comes
+    as `pki --cert` sends it (RenewalReq signed by the certificate) or as `getcert resubmit` does (PKCSReq signed
+    by the certificate): the certificate it replaces does not count against the limit."""
+    app = appliance_factory(sections={"policy": {"max_valid_per_user": "1"}}, users={"alice": PASSWORD})
+    ca, ra = str(tmp_path / "ca.pem"), str(tmp_path / "ra.pem")
+    p = pki.run("--scepca", "--url", app.url, "--caout", ca, "--raout", ra, "--outform", "pem", bundle=app.ca_pem)
+    assert p.returncode == 0, p.stderr
+    url = app.url.replace("https://", f"https://alice:{urllib.parse.quote(PASSWORD, safe='')}@")
+    common = ["--url", url, "--dn", "CN=alice", "--cacert-enc", ra, "--cacert-sig", ca, "--outform", "pem"]
+    old_key = pki.gen_rsa(tmp_path / "old.der")
+    p = pki.run("--scep", "--in", old_key, *common, bundle=app.ca_pem)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (tmp_path / "old.pem").write_text(p.stdout)
+    old = check_issued(app, tmp_path / "old.pem")
+    p = pki.run("--scep", "--in", pki.gen_rsa(tmp_path / "other.der"), *common, bundle=app.ca_pem)
+    assert p.returncode != 0 and "still valid (limit 1)" in app.log()
+    with interop_row("strongSwan pki --scep --cert (RenewalReq at max_valid_per_user = 1)", pki.describe(), "HTTPS",
+                     "HTTP Basic + signed by the current certificate"):
+        p = pki.run("--scep", "--in", pki.gen_rsa(tmp_path / "new.der"), "--cert", str(tmp_path / "old.pem"),
+                    "--key", old_key, *common, bundle=app.ca_pem)
+        assert p.returncode == 0, p.stderr[-3000:]
+        (tmp_path / "new.pem").write_text(re.search(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\n",
+                                                    p.stdout, re.S).group(0))
+        assert check_issued(app, tmp_path / "new.pem").serial_number != old.serial_number
+
+    other = appliance_factory(sections={"policy": {"max_valid_per_user": "1"}}, users={"alice": PASSWORD})
+    with interop_row("certmonger (getcert resubmit at max_valid_per_user = 1)", certmonger_version(), "HTTPS",
+                     "challengePassword, then signed by the current certificate"):
+        result = certmonger_enroll(tmp_path / "certmonger", other.url, subject="CN=alice", challenge=PASSWORD,
+                                   ca_pem=other.ca_pem, bundle=other.ca_pem, resubmit=True)
+        assert result.returncode == 0, result.output[-4000:]
+        first = check_issued(other, tmp_path / "certmonger" / "first.pem")
+        assert check_issued(other, result.cert_path).serial_number != first.serial_number
+    assert result.leftovers == [], "certmonger's processes outlived the run (killed by pid)"
+
+
 def test_retry_gets_the_same_certificate(app):
     """The counterpart of the renewals above: the same PKCSReq sent again (a lost reply) is not issued twice."""
     requester = Requester(get_ca_certs(app.url, app.ca_pem))
