@@ -8,7 +8,6 @@ import argparse
 import base64
 import datetime
 import getpass
-import hashlib
 import os
 import socket
 import select

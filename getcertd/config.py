@@ -7,7 +7,7 @@ import configparser
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Tuple
+from typing import Mapping, Tuple
 
 from getcertd.errors import ConfigError
 

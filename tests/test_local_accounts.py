@@ -2,7 +2,6 @@ import os
 import stat
 import subprocess
 
-import pytest
 from twisted.internet.task import Clock
 
 from appliance import tool

@@ -16,13 +16,12 @@ import functools
 import hashlib
 import string
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fuzztargets
 from getcertd import config, radius, scep, web
-from getcertd.errors import ConfigError, MalformedRequest, ScepFailure
+from getcertd.errors import ConfigError, MalformedRequest
 
 SCEP_TYPED = fuzztargets.TYPED["scep"]
 QUERY_TYPED = fuzztargets.TYPED["query"]

@@ -1,6 +1,5 @@
 """The rest of the RFC 8894 message set against a real twistd: CertPoll, unknown types, and single DES with a
 real legacy client (Debian's `scep` package, micromdm's scepclient: always SHA-1 + single DES-CBC)."""
-import os
 import subprocess
 
 import pytest
