@@ -102,23 +102,31 @@ def test_strongswan_pki_enrolls(app, pki, scep_ca, tmp_path, transport, cipher, 
         p = pki.run(*args, bundle=app.ca_pem if transport == "https-basic" else None)
         r["cipher/digest"] = pki_cipher(p.stderr, cipher, digest)
         assert p.returncode == 0, p.stderr[-3000:]
-        out.write_text(re.search(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\n", p.stdout, re.S)
-                       .group(0))
+        out.write_text(first_pem(p.stdout))
         check_issued(app, out)
         assert "Issued certificate is trusted" in p.stderr
+
+
+def first_pem(text: str) -> str:
+    return re.search(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\n", text, re.S).group(0)
+
+
+def pki_first_certificate(app, pki, ca, ra, tmp_path):
+    """`pki --scep` enrolls alice (Basic credentials in the URL) with a new key: (the arguments every later
+    request repeats, the key file, the certificate)."""
+    url = app.url.replace("https://", f"https://alice:{urllib.parse.quote(PASSWORD, safe='')}@")
+    common = ["--url", url, "--dn", "CN=alice", "--cacert-enc", ra, "--cacert-sig", ca, "--outform", "pem"]
+    key = pki.gen_rsa(tmp_path / "old.der")
+    p = pki.run("--scep", "--in", key, *common, bundle=app.ca_pem)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (tmp_path / "old.pem").write_text(p.stdout)
+    return common, key, check_issued(app, tmp_path / "old.pem")
 
 
 @pytest.mark.parametrize("new_key", [True, False], ids=["new-key", "same-key"])
 def test_strongswan_pki_renews(app, pki, scep_ca, tmp_path, new_key):
     """RenewalReq signed by the current certificate (`--cert/--key`), with Basic credentials."""
-    ca, ra = scep_ca
-    url = app.url.replace("https://", f"https://alice:{urllib.parse.quote(PASSWORD, safe='')}@")
-    common = ["--url", url, "--dn", "CN=alice", "--cacert-enc", ra, "--cacert-sig", ca, "--outform", "pem"]
-    old_key = pki.gen_rsa(tmp_path / "old.der")
-    p = pki.run("--scep", "--in", old_key, *common, bundle=app.ca_pem)
-    assert p.returncode == 0, p.stderr[-3000:]
-    (tmp_path / "old.pem").write_text(p.stdout)
-    old = check_issued(app, tmp_path / "old.pem")
+    common, old_key, old = pki_first_certificate(app, pki, *scep_ca, tmp_path)
     key = pki.gen_rsa(tmp_path / "new.der") if new_key else old_key
     variant = "new key" if new_key else "same key, so same transactionID"
     with interop_row(f"strongSwan pki --scep --cert (RenewalReq, {variant})", pki.describe(), "HTTPS",
@@ -127,8 +135,7 @@ def test_strongswan_pki_renews(app, pki, scep_ca, tmp_path, new_key):
                     "--debug", "4", bundle=app.ca_pem)
         r["cipher/digest"] = pki_cipher(p.stderr, "aes", "sha256")
         assert p.returncode == 0, p.stderr[-3000:]
-        (tmp_path / "new.pem").write_text(re.search(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\n",
-                                                    p.stdout, re.S).group(0))
+        (tmp_path / "new.pem").write_text(first_pem(p.stdout))
         new = check_issued(app, tmp_path / "new.pem")
         # Same key, same transactionID (pki hashes the key): still a renewal, not a retry of the first request.
         assert new.serial_number != old.serial_number
@@ -142,13 +149,7 @@ def test_renewals_at_a_limit_of_one_valid_certificate(appliance_factory, pki, tm
     ca, ra = str(tmp_path / "ca.pem"), str(tmp_path / "ra.pem")
     p = pki.run("--scepca", "--url", app.url, "--caout", ca, "--raout", ra, "--outform", "pem", bundle=app.ca_pem)
     assert p.returncode == 0, p.stderr
-    url = app.url.replace("https://", f"https://alice:{urllib.parse.quote(PASSWORD, safe='')}@")
-    common = ["--url", url, "--dn", "CN=alice", "--cacert-enc", ra, "--cacert-sig", ca, "--outform", "pem"]
-    old_key = pki.gen_rsa(tmp_path / "old.der")
-    p = pki.run("--scep", "--in", old_key, *common, bundle=app.ca_pem)
-    assert p.returncode == 0, p.stderr[-3000:]
-    (tmp_path / "old.pem").write_text(p.stdout)
-    old = check_issued(app, tmp_path / "old.pem")
+    common, old_key, old = pki_first_certificate(app, pki, ca, ra, tmp_path)
     p = pki.run("--scep", "--in", pki.gen_rsa(tmp_path / "other.der"), *common, bundle=app.ca_pem)
     assert p.returncode != 0 and "still valid (limit 1)" in app.log()
     with interop_row("strongSwan pki --scep --cert (RenewalReq at max_valid_per_user = 1)", pki.describe(), "HTTPS",
@@ -156,8 +157,7 @@ def test_renewals_at_a_limit_of_one_valid_certificate(appliance_factory, pki, tm
         p = pki.run("--scep", "--in", pki.gen_rsa(tmp_path / "new.der"), "--cert", str(tmp_path / "old.pem"),
                     "--key", old_key, *common, bundle=app.ca_pem)
         assert p.returncode == 0, p.stderr[-3000:]
-        (tmp_path / "new.pem").write_text(re.search(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\n",
-                                                    p.stdout, re.S).group(0))
+        (tmp_path / "new.pem").write_text(first_pem(p.stdout))
         assert check_issued(app, tmp_path / "new.pem").serial_number != old.serial_number
 
     other = appliance_factory(sections={"policy": {"max_valid_per_user": "1"}}, users={"alice": PASSWORD})
