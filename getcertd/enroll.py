@@ -195,8 +195,6 @@ class EnrollmentService:
     def _held_by(self, certificate: x509.Certificate, user: str) -> Optional[Record]:
         """The record of a good certificate of ours that ``user`` signed a PKCSReq with (a re-enrollment, as
         certmonger's resubmit sends it), or None: any other signer makes it a new enrollment, as before."""
-        if certificate.issuer != self.ca.certificate.subject:
-            return None
         try:
             record = self.check_held_certificate(certificate)
         except ScepFailure:
@@ -310,7 +308,7 @@ class EnrollmentService:
         valid_count = 0
         if getattr(policy, "max_valid_per_user", 1):
             valid = self.log.valid_for_user(user, seconds)
-            valid_count = len(valid) + pending - (replaces is not None and any(r is replaces for r in valid))
+            valid_count = len(valid) + pending - (replaces in valid)  # Records compare by identity
         issued_last_hour = self.log.count_issued_since(user, seconds - 3600) + pending \
             if getattr(policy, "max_per_user_per_hour", 1) else 0
         decision = policy.decide(identity, public_key, now, self.ca.not_after(), valid_count=valid_count,
