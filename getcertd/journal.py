@@ -25,6 +25,7 @@ import gc
 import json
 import os
 import re
+import time
 from array import array
 
 from twisted.application import service
@@ -262,17 +263,20 @@ class Journal(service.Service):
     :param reactor: fires the results of the file work; the global reactor by default.
     :param run: ``run(f, *args) -> Deferred`` runs blocking file work; by default in a dedicated one-thread pool.
         Tests may pass a synchronous or hand-driven double.
+    :param observe_commit: called on the reactor thread with the seconds each successful batch took to write and
+        fsync (getcertd.stats: the disk's latency, which every answer waiting for that batch pays).
     """
 
     name = "journal"
 
-    def __init__(self, path: str, log, reactor=None, run=None):
+    def __init__(self, path: str, log, reactor=None, run=None, observe_commit=None):
         self.path = path
         self.log = log
         if reactor is None:
             from twisted.internet import reactor
         self._reactor = reactor
         self._run = run or self._run_in_pool
+        self._observe_commit = observe_commit
         self._pool = None
         self._lock = defer.DeferredLock()
         self._queue = []  # [(line, Deferred)] for the next batch
@@ -287,6 +291,7 @@ class Journal(service.Service):
         self._size = 0  # bytes durably written
         self._dirty = False  # a failed write may have left bytes past _size
         self.batches = 0  # successful write+fsync rounds (metrics, tests)
+        self._commit_seconds = 0.0  # how long the last batch's write+fsync took
 
     # The reactor side
 
@@ -430,6 +435,8 @@ class Journal(service.Service):
                 for _, waiter in batch:
                     waiter.errback(error)
             else:
+                if self._observe_commit is not None:
+                    self._observe_commit(self._commit_seconds)  # set by the job, read before the lock is released
                 for (_, waiter), offset in zip(batch, result):
                     waiter.callback(offset)
             lock.release()
@@ -492,8 +499,10 @@ class Journal(service.Service):
             self._dirty = False
         data = b"".join(lines)
         self._dirty = True
+        started = time.monotonic()
         _write_all(fd, data)
         os.fsync(fd)
+        self._commit_seconds = time.monotonic() - started
         start = self._size
         self._size += len(data)
         self._dirty = False

@@ -151,9 +151,9 @@ def _make(config, reactor, now):
     count = replay(journal_path, issuance_log)
     log.info("issuance log: {count} records replayed from {path}", count=count, path=journal_path)
     gc.freeze()  # the replayed records live as long as the process: keep them out of every cyclic collection
-    journal = Journal(journal_path, issuance_log, reactor)
-    journal.setServiceParent(top)  # named "journal"; stopping it flushes and closes the file
     stats = Stats(reactor, backend=config.auth_backend, log=issuance_log)
+    journal = Journal(journal_path, issuance_log, reactor, observe_commit=stats.observe_journal_commit)
+    journal.setServiceParent(top)  # named "journal"; stopping it flushes and closes the file
     material = KeyMaterial(ca, ra_key, ra_cert or ca.certificate, config.allow_legacy_des)
     keys = KeyHelpers(reactor, material.dumps(), size=config.key_helpers or None, stats=stats)
     keys.setServiceParent(top)  # stops after the drain below: in-flight enrollments finish first

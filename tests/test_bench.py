@@ -38,6 +38,11 @@ def test_bench_quick(tmp_path):
                 assert _positive(row[key]), (backend, row["connections"], key)
             assert row["errors"] == 0
             assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+            # the appliance's own histograms: every timed answer, and the journal commits that recorded them
+            assert row["server_answers"] == row["requests"] and 0 <= row["server_answers_over_20ms"] <= row[
+                "server_answers"]
+            assert 0 < row["journal_commits"] <= row["requests"] and 0 <= row["journal_commits_over_20ms"] <= row[
+                "journal_commits"]
         assert _positive(b["half_peak"]["offered_rate"])
         assert _positive(b["bound"]) and _positive(b["ratio"])
         assert b["best_enrollments_per_second"] == max(row["enrollments_per_second"] for row in b["levels"])

@@ -5,6 +5,7 @@ import json
 import os
 import stat
 import threading
+import time
 
 import pytest
 import pytest_twisted
@@ -218,6 +219,28 @@ def test_enospc_fails_every_waiting_append_then_recovers(path, monkeypatch, name
     again = IssuanceLog()
     assert replay(path, again) == 2 and state(again) == state(log)
     assert open(path, "rb").read().count(b"\n") == 2
+
+
+def test_each_commit_reports_how_long_its_write_and_fsync_took(path, monkeypatch):
+    """observe_commit (the getcertd_journal_commit_seconds histogram) gets one duration per successful batch,
+    measured around the write and the fsync; a failed batch reports nothing."""
+    seen = []
+    j = Journal(path, IssuanceLog(), run=sync_run, observe_commit=seen.append)
+    real_fsync = os.fsync
+
+    def slow_fsync(fd):
+        time.sleep(0.03)
+        real_fsync(fd)
+    monkeypatch.setattr(journal_module.os, "fsync", slow_fsync)
+    result_of(j.record_issue(rec(1), b"one"))
+    assert len(seen) == 1 and 0.03 <= seen[0] < 5
+    failing = Failing(monkeypatch, "fsync")
+    failing.journal = j
+    with pytest.raises(StorageUnavailable):
+        result_of(j.record_issue(rec(2), b"two"))
+    assert len(seen) == 1
+    failing.armed = False
+    result_of(j.close())
 
 
 def test_appends_after_close_fail(path):
