@@ -291,7 +291,6 @@ class Journal(service.Service):
         self._size = 0  # bytes durably written
         self._dirty = False  # a failed write may have left bytes past _size
         self.batches = 0  # successful write+fsync rounds (metrics, tests)
-        self._commit_seconds = 0.0  # how long the last batch's write+fsync took
 
     # The reactor side
 
@@ -435,9 +434,10 @@ class Journal(service.Service):
                 for _, waiter in batch:
                     waiter.errback(error)
             else:
+                offsets, seconds = result
                 if self._observe_commit is not None:
-                    self._observe_commit(self._commit_seconds)  # set by the job, read before the lock is released
-                for (_, waiter), offset in zip(batch, result):
+                    self._observe_commit(seconds)
+                for (_, waiter), offset in zip(batch, offsets):
                     waiter.callback(offset)
             lock.release()
             self._busy = False
@@ -493,6 +493,7 @@ class Journal(service.Service):
         return self._fd
 
     def _write_batch(self, lines):
+        """Write and fsync ``lines``: (the byte offset of each, how long the write and fsync took)."""
         fd = self._open()
         if self._dirty:
             os.ftruncate(fd, self._size)
@@ -502,7 +503,7 @@ class Journal(service.Service):
         started = time.monotonic()
         _write_all(fd, data)
         os.fsync(fd)
-        self._commit_seconds = time.monotonic() - started
+        seconds = time.monotonic() - started
         start = self._size
         self._size += len(data)
         self._dirty = False
@@ -511,7 +512,7 @@ class Journal(service.Service):
         for line in lines:
             offsets.append(start)
             start += len(line)
-        return offsets
+        return offsets, seconds
 
     def _read_der(self, serial, offset):
         fd = self._open()
