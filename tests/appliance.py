@@ -22,13 +22,19 @@ def free_port(family=socket.AF_INET, kind=socket.SOCK_STREAM, host="127.0.0.1"):
         return s.getsockname()[1]
 
 
-def running(pid):
-    """Whether ``pid`` is a live process (a zombie waiting for its parent to reap it is not)."""
+def _stat(pid):
+    """The fields of /proc/PID/stat after the command name (state, parent pid, ...), or None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+            return f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
+def running(pid):
+    """Whether ``pid`` is a live process (a zombie waiting for its parent to reap it is not)."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 def children(pid):
@@ -36,14 +42,9 @@ def children(pid):
     /proc/PID/task/TID/children misses some while the process has other threads running."""
     found = []
     for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    fields = f.read().rpartition(")")[2].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                found.append(int(name))
+        fields = _stat(name) if name.isdigit() else None
+        if fields is not None and int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(name))
     return sorted(found)
 
 
