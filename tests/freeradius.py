@@ -91,6 +91,16 @@ class FreeRadiusServer:
     def pid(self) -> int:
         return self.process.pid
 
+    def secret_file(self) -> str:
+        """The shared secret in a 0600 file for the appliance's ``[radius] secret_file``; it lives in the server's
+        config directory, so it goes when the server does."""
+        path = os.path.join(self.config_dir, "client-secret")
+        if not os.path.exists(path):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(self.secret)
+        return path
+
     def log(self) -> str:
         """Everything the server has logged so far."""
         with open(self.log_path, encoding="utf-8", errors="replace") as f:

@@ -92,10 +92,7 @@ def est_url(app, label=""):
 
 
 def radius_app(appliance_factory, srv, servers=None):
-    secret_file = os.path.join(os.path.dirname(srv.config_dir), f"secret-{os.getpid()}-{time.monotonic_ns()}")
-    with open(secret_file, "wb") as f:
-        f.write(srv.secret)
-    os.chmod(secret_file, 0o600)
+    secret_file = srv.secret_file()
     return appliance_factory(sections={
         "auth": {"backend": "radius", "users": ""},
         "radius": {"servers": servers or f"{srv.host}:{srv.port}", "secret_file": secret_file, "timeout": "1s",

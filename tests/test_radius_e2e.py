@@ -20,10 +20,7 @@ def radius_server():
 
 
 def radius_app(appliance_factory, srv, servers=None, **extra):
-    secret_file = os.path.join(os.path.dirname(srv.config_dir), f"secret-{os.getpid()}-{time.monotonic_ns()}")
-    with open(secret_file, "wb") as f:
-        f.write(srv.secret)
-    os.chmod(secret_file, 0o600)
+    secret_file = srv.secret_file()
     sections = {
         "auth": {"backend": "radius", "users": ""},
         "radius": {"servers": servers or f"{srv.host}:{srv.port}", "secret_file": secret_file,
