@@ -1,5 +1,6 @@
 """Typed errors that cross layers. One place (getcertd.web) maps them to protocol answers."""
 from enum import IntEnum
+from typing import Optional
 
 
 class FailInfo(IntEnum):
@@ -22,10 +23,11 @@ class MalformedRequest(GetcertdError):
 class ScepFailure(GetcertdError):
     """A request that was parsed but can't be granted: answered with a FAILURE CertRep."""
 
-    def __init__(self, fail_info: FailInfo, text: str):
-        super().__init__(f"{fail_info.name}: {text}")
+    def __init__(self, fail_info: FailInfo, text: str, detail: Optional[str] = None):
+        super().__init__(f"{fail_info.name}: {text}" + (f" ({detail})" if detail else ""))
         self.fail_info = fail_info
-        self.text = text
+        self.text = text  # what the client is told (failInfoText)
+        self.detail = detail  # more, for the appliance's log only
 
 
 class AuthUnavailable(GetcertdError):

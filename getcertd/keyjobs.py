@@ -29,9 +29,13 @@ from getcertd import scep
 from getcertd.ca import CertificateAuthority
 from getcertd.errors import FailInfo, KeyJobFailed, MalformedRequest, ScepFailure
 
-# Message types whose content is decrypted with the RA key; the first two also carry a CSR.
+# Message types whose content is decrypted with the RA key, and how that content is read; the first two carry
+# a CSR.
 _WITH_CSR = (scep.MessageType.PKCSReq, scep.MessageType.RenewalReq)
-_ENCRYPTED = _WITH_CSR + (scep.MessageType.CertPoll, scep.MessageType.GetCert, scep.MessageType.GetCRL)
+_CONTENT = {scep.MessageType.PKCSReq: scep.parse_csr, scep.MessageType.RenewalReq: scep.parse_csr,
+            scep.MessageType.CertPoll: scep.parse_issuer_and_subject,
+            scep.MessageType.GetCert: scep.parse_issuer_and_serial,
+            scep.MessageType.GetCRL: scep.parse_issuer_and_serial}
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,7 @@ def open_message(material: KeyMaterial, body: bytes) -> Opened:
     """Verify a pkiMessage and open what it carries. MalformedRequest when it can't be read; ScepFailure, with the
     message as ``.request`` once it was read, when it can't be granted (bad signature, algorithm, CSR)."""
     msg = scep.parse_signed(body)
-    if msg.message_type not in _ENCRYPTED:
+    if msg.message_type not in _CONTENT:
         return Opened(msg)
     try:
         if msg.message_type in _WITH_CSR and not isinstance(msg.signer_cert.public_key(), rsa.RSAPublicKey):
@@ -92,13 +96,27 @@ def open_message(material: KeyMaterial, body: bytes) -> Opened:
             raise ScepFailure(FailInfo.badRequest, "the message carries no enveloped content")
         sealed = scep.open_envelope(msg.content, material.signer_cert, material.allow_des)
         plaintext, cipher = sealed.open(sealed.unwrap(material.signer_key))
-        csr_der = None
-        if msg.message_type in _WITH_CSR:
-            csr_der = scep.parse_csr(plaintext).public_bytes(serialization.Encoding.DER)
+        content = _read_content(msg.message_type, plaintext)
+        csr_der = content.public_bytes(serialization.Encoding.DER) if msg.message_type in _WITH_CSR else None
     except ScepFailure as failure:
         failure.request = msg
         raise
     return Opened(msg, plaintext, cipher, csr_der)
+
+
+def _read_content(message_type: int, plaintext: bytes):
+    """The decrypted content read (a CSR: its proof of possession checked too).
+
+    Whatever is wrong with it gets the answer a failed decryption gets, the reason going to the log only. A
+    different answer would be a padding oracle: anyone can resend a captured request's envelope, altered, in a
+    message signed by a key of their own, and learn from the answers whether the CBC padding was right, and so
+    decrypt the envelope block by block, challengePassword included. (The RSA key transport already fails
+    without telling: implicit rejection, see scep.SealedEnvelope.open.)
+    """
+    try:
+        return _CONTENT[message_type](plaintext)
+    except (MalformedRequest, ScepFailure) as e:
+        raise ScepFailure(FailInfo.badMessageCheck, scep.UNDECRYPTABLE, detail=str(e)) from None
 
 
 def certificate_job(public_key, decision, serial: int, crl_url: Optional[str]) -> tuple:
@@ -260,7 +278,7 @@ def encode_error(exc: BaseException) -> bytes:
     """A job's exception as a result: the typed ones keep their meaning, anything else is BROKEN."""
     if isinstance(exc, ScepFailure):
         request = getattr(exc, "request", None)
-        return pack(REFUSED, [str(int(exc.fail_info)).encode(), exc.text.encode("utf-8")]
+        return pack(REFUSED, [str(int(exc.fail_info)).encode(), exc.text.encode("utf-8"), _text(exc.detail)]
                     + (_message_fields(request) if request is not None else []))
     if isinstance(exc, MalformedRequest):
         return pack(MALFORMED, [str(exc).encode("utf-8")])
@@ -279,9 +297,10 @@ def decode_result(op: str, data: bytes):
             return Opened(_message(fields[:_MESSAGE_FIELDS]), plaintext, None if cipher is None else cipher.decode(),
                           csr_der)
         if kind == REFUSED:
-            failure = ScepFailure(FailInfo(int(fields[0])), fields[1].decode("utf-8"))
-            if len(fields) > 2:
-                failure.request = _message(fields[2:])
+            failure = ScepFailure(FailInfo(int(fields[0])), fields[1].decode("utf-8"),
+                                  None if fields[2] is None else fields[2].decode("utf-8"))
+            if len(fields) > 3:
+                failure.request = _message(fields[3:])
         elif kind == MALFORMED:
             (text,) = fields
             failure = MalformedRequest(text.decode("utf-8"))

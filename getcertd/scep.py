@@ -1218,6 +1218,10 @@ def _decrypt_content(cipher: str, key: bytes, iv: bytes, ciphertext: bytes, bloc
         return None
 
 
+# The one answer to a message whose encrypted content can't be decrypted, or can't be read once decrypted (see
+# getcertd.keyjobs.open_message: telling those apart would be a padding oracle).
+UNDECRYPTABLE = "the message's encrypted content could not be decrypted and read"
+
 MAX_KEY_TRANSPORT_TRIES = 4  # recipientInfos tried with our key, at most
 
 
@@ -1259,7 +1263,7 @@ class SealedEnvelope:
             plaintext = _decrypt_content(self.cipher, key, self._iv, self._ciphertext, self._block)
             if plaintext is not None:
                 return plaintext, self.cipher
-        raise ScepFailure(FailInfo.badMessageCheck, "the message could not be decrypted")
+        raise ScepFailure(FailInfo.badMessageCheck, UNDECRYPTABLE)
 
 
 def open_envelope(der: bytes, recipient_cert: x509.Certificate, allow_des: bool = False) -> SealedEnvelope:

@@ -1,6 +1,7 @@
 """A small synchronous SCEP test client over urllib, built on getcertd.scep, for tests that need raw HTTP."""
 import base64
 import datetime
+import os
 import ssl
 import urllib.error
 import urllib.request
@@ -8,6 +9,7 @@ import urllib.request
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.x509.oid import NameOID
 
 from getcertd import scep
@@ -47,6 +49,20 @@ def csr_der(key, cn="ignored-by-server", challenge=None):
     return b.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
 
 
+def raw_envelope(recipient, raw: bytes) -> bytes:
+    """An EnvelopedData (aes256-CBC) whose decrypted content is ``raw`` exactly, its padding included: a test can
+    send bad padding, or good padding around anything. ``len(raw)`` is a multiple of 16."""
+    assert raw and len(raw) % 16 == 0
+    secrets = [os.urandom(32), os.urandom(16)]  # the content key, then the IV, as build_envelope asks for them
+    key, iv = secrets
+    der = scep.build_envelope(b"\0" * (len(raw) - 1), recipient, "aes256", random=lambda n: secrets.pop(0))
+    encryptor = Cipher(algorithms.AES(key), modes.CBC(iv)).encryptor()
+    honest = encryptor.update(b"\0" * (len(raw) - 1) + b"\x01") + encryptor.finalize()
+    encryptor = Cipher(algorithms.AES(key), modes.CBC(iv)).encryptor()
+    assert der.count(honest) == 1
+    return der.replace(honest, encryptor.update(raw) + encryptor.finalize())
+
+
 class Requester:
     """One enrolling identity: a key, its transient self-signed certificate, and the CA material."""
 
@@ -58,14 +74,15 @@ class Requester:
         self.recipient = next((c for c in ca_certs if c is not self.ca), self.ca)
 
     def message(self, message_type=scep.MessageType.PKCSReq, inner=None, cipher="aes256", digest="sha256",
-                transaction_id=None, challenge=None, cn="ignored-by-server"):
+                transaction_id=None, challenge=None, cn="ignored-by-server", envelope=None):
+        """A signed request; ``envelope`` (an EnvelopedData) replaces the encrypted ``inner``."""
         self.nonce = scep.new_nonce()
         self.tid = transaction_id or scep.new_transaction_id(self.key.public_key())
         if inner is None:
             inner = csr_der(self.key, cn, challenge)
         return scep.build_signed(message_type=message_type, transaction_id=self.tid, sender_nonce=self.nonce,
                                  signer_key=self.signer_key, signer_cert=self.signer, digest=digest,
-                                 content=scep.build_envelope(inner, self.recipient, cipher=cipher))
+                                 content=envelope or scep.build_envelope(inner, self.recipient, cipher=cipher))
 
     def open_reply(self, der):
         rep = scep.parse_signed(der)

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from getcertd import scep
 from getcertd.errors import FailInfo
-from scepclient import Requester, basic, csr_der, get_ca_certs, http, rsa_key
+from scepclient import Requester, basic, csr_der, get_ca_certs, http, raw_envelope, rsa_key
 
 
 def openssl(*args, input=None):
@@ -141,6 +141,32 @@ def test_refusals_are_failure_certreps_and_garbage_is_400(app):
     assert status == 400
     status, _, body = http(app.url + "?operation=Nonsense", cafile=app.ca_pem)
     assert status == 400 and b"unsupported operation" in body
+
+
+def test_what_fails_inside_the_envelope_gets_one_answer(app):
+    """No padding oracle: bad CBC padding, good padding around garbage and good padding around DER of the wrong
+    kind get the same FAILURE CertRep, for every message type whose content is encrypted. (If they differed, a
+    captured request's envelope, resent in a message signed by anyone, would be decrypted block by block:
+    challengePassword included.)"""
+    certs = get_ca_certs(app.url, app.ca_pem)
+    requester = Requester(certs)
+    contents = {
+        "bad padding": os.urandom(31) + b"\x00",
+        "garbage": os.urandom(31) + b"\x01",
+        "DER of another kind": b"\x30\x03\x02\x01\x01" + bytes([27]) * 27,
+    }
+    answers = {}
+    for message_type in (scep.MessageType.PKCSReq, scep.MessageType.RenewalReq, scep.MessageType.CertPoll,
+                         scep.MessageType.GetCert, scep.MessageType.GetCRL):
+        for what, raw in contents.items():
+            msg = requester.message(message_type, envelope=raw_envelope(requester.recipient, raw))
+            status, _, body = http(app.url + "?operation=PKIOperation", data=msg, cafile=app.ca_pem,
+                                   headers=basic("alice", "alice pass"))
+            assert status == 200, (message_type, what, body)
+            rep, _ = requester.open_reply(body)
+            answers[message_type, what] = (rep.pki_status, rep.fail_info, rep.fail_info_text)
+    assert set(answers.values()) == {(scep.PkiStatus.FAILURE, FailInfo.badMessageCheck, scep.UNDECRYPTABLE)}, answers
+    assert "(CSR: " in app.log()  # why, for the admin
 
 
 def test_state_dir_and_key_modes(app):

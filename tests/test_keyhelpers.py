@@ -154,9 +154,12 @@ def test_an_opened_message_survives_the_wire(material, requester):
 def test_typed_errors_survive_the_wire(material, requester):
     with pytest.raises(MalformedRequest, match="."):
         _through_the_wire(material, "open", b"\x30\x03\x02\x01\x00")
-    # Read, but its content is not a CSR: the FAILURE CertRep needs the message, and gets it.
-    with pytest.raises(MalformedRequest):
+    # Read, but its content is not a CSR: the FAILURE CertRep needs the message, and gets it; the client is told
+    # what it would be told for a failed decryption, the log gets why.
+    with pytest.raises(ScepFailure) as unreadable:
         _through_the_wire(material, "open", _pkcs_req(material, requester, inner=b"not a csr"))
+    assert (unreadable.value.fail_info, unreadable.value.text) == (FailInfo.badMessageCheck, scep.UNDECRYPTABLE)
+    assert unreadable.value.detail.startswith("CSR: ") and unreadable.value.request.transaction_id == "TID-1"
     ec_key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ec signer")])
     ec_cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(ec_key.public_key())

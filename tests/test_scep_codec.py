@@ -175,7 +175,7 @@ def _undecryptable(open_it):
     try:
         return open_it()
     except ScepFailure as failure:
-        assert (failure.fail_info, failure.text) == (FailInfo.badMessageCheck, "the message could not be decrypted")
+        assert (failure.fail_info, failure.text) == (FailInfo.badMessageCheck, scep.UNDECRYPTABLE)
         return None
 
 
