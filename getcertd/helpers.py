@@ -110,7 +110,8 @@ class _Helper(protocol.ProcessProtocol):
             n = os.write(self.job_write, self.out)
         except BlockingIOError:
             return
-        except OSError:
+        except OSError:  # gone, as in _queue: its jobs fail when processEnded says so
+            self.ended = True
             self.out.clear()
             self.pool.reactor.removeWriter(self.writer)
             return

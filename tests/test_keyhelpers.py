@@ -24,6 +24,7 @@ from appliance import children, running
 from getcertd import keyjobs, scep
 from getcertd.ca import CertificateAuthority, make_ca_certificate
 from getcertd.errors import FailInfo, KeyJobFailed, MalformedRequest, ScepFailure
+from getcertd import helpers as helpers_module
 from getcertd.helpers import KeyHelpers
 from getcertd.keyhelper import NICENESS
 from getcertd.policy import Decision
@@ -199,6 +200,47 @@ def test_frames_come_out_whole_and_the_buffer_keeps_the_rest():
         for f in keyjobs.take_frames(buf, most=1000):
             got.append(f)
     assert got == [b"ok"]  # what came before the oversized frame was delivered
+
+
+class _Writers(task.Clock):
+    """The part of a reactor a helper's job pipe uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.writers = set()
+
+    def addWriter(self, w):
+        self.writers.add(w)
+
+    def removeWriter(self, w):
+        self.writers.discard(w)
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_a_helper_whose_job_pipe_breaks_takes_no_more_jobs(full):
+    """The read end of the job pipe gone (the helper died) while jobs are waiting in ``out`` (full) or not: the
+    next write marks the helper ended, so it takes no job before processEnded comes."""
+    pool = type("Pool", (), {"reactor": _Writers()})()
+    helper = helpers_module._Helper(pool, b"material")
+    try:
+        if full:  # jobs wait for the pipe to drain: the writer is watched and _flush does the failing write
+            os.set_blocking(helper.job_write, False)
+            assert helper.send(1, "open", b"x" * (1 << 20), defer.Deferred())
+            assert helper.out and pool.reactor.writers == {helper.writer}
+        for fd in helper.child_fds:
+            os.close(fd)
+        helper.child_fds = []
+        if full:
+            helper._flush()
+            assert not helper.out and not pool.reactor.writers
+        assert helper.ended == full
+        assert not helper.send(2, "open", b"y", defer.Deferred())
+        assert helper.ended and 2 not in helper.jobs
+    finally:
+        os.close(helper.job_write)
+        os.close(helper.result_read)
+        for fd in helper.child_fds:
+            os.close(fd)
 
 
 # --- real helper processes ------------------------------------------------------------------------------------
