@@ -365,14 +365,14 @@ class EnrollmentService:
     async def _get_cert(self, content):
         issuer, serial = scep.parse_issuer_and_serial(content)
         der = await self.journal.certificate(serial) if issuer == self.ca.certificate.subject else None
-        if der is None:
-            raise ScepFailure(FailInfo.badCertId, f"no certificate of this CA with serial {serial:x} is known")
+        if der is None:  # the same answer as a content that can't be read: see keyjobs._UNREADABLE
+            raise keyjobs.unreadable(scep.MessageType.GetCert)
         return der
 
     async def _get_crl(self, opened):
         issuer, _serial = scep.parse_issuer_and_serial(opened.plaintext)
         crl = self.crl.der if self.crl is not None else None
         if issuer != self.ca.certificate.subject or crl is None:
-            raise ScepFailure(FailInfo.badCertId, "no CRL is published for that issuer")
+            raise keyjobs.unreadable(scep.MessageType.GetCRL)
         return await self._reply(opened.message, scep.PkiStatus.SUCCESS, content=scep.certs_only([], [crl]),
                                  cipher=opened.cipher)

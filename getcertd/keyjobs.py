@@ -30,12 +30,32 @@ from getcertd.ca import CertificateAuthority
 from getcertd.errors import FailInfo, KeyJobFailed, MalformedRequest, ScepFailure
 
 # Message types whose content is decrypted with the RA key, and how that content is read; the first two carry
-# a CSR.
+# a CSR. A CertPoll's content (IssuerAndSubject) is not decrypted: it is answered by its transactionID.
 _WITH_CSR = (scep.MessageType.PKCSReq, scep.MessageType.RenewalReq)
 _CONTENT = {scep.MessageType.PKCSReq: scep.parse_csr, scep.MessageType.RenewalReq: scep.parse_csr,
-            scep.MessageType.CertPoll: scep.parse_issuer_and_subject,
             scep.MessageType.GetCert: scep.parse_issuer_and_serial,
             scep.MessageType.GetCRL: scep.parse_issuer_and_serial}
+_ENVELOPED = tuple(_CONTENT) + (scep.MessageType.CertPoll,)
+
+# The one answer, per message type, to an encrypted content that can't be decrypted and read. Whoever resends a
+# recorded request's envelope, altered, inside a message signed by a key of their own must learn nothing of what
+# it decrypts to: an answer that told bad padding from good (a padding oracle) or told back any part of the
+# content would decrypt it, challengePassword included. A CSR's proof of possession authenticates it, so what
+# follows a verified CSR may differ; GetCert and GetCRL contents are not authenticated, so "not known here" is
+# this same answer (getcertd.enroll).
+_UNREADABLE = {
+    scep.MessageType.PKCSReq: (FailInfo.badMessageCheck, scep.UNDECRYPTABLE),
+    scep.MessageType.RenewalReq: (FailInfo.badMessageCheck, scep.UNDECRYPTABLE),
+    scep.MessageType.GetCert: (FailInfo.badCertId, "no certificate of this CA is known with the serial number asked "
+                                                   "for, or the request could not be decrypted and read"),
+    scep.MessageType.GetCRL: (FailInfo.badCertId, "no CRL is published for the issuer asked for, or the request "
+                                                  "could not be decrypted and read"),
+}
+
+
+def unreadable(message_type: int, detail: Optional[str] = None) -> ScepFailure:
+    """The refusal of an encrypted content that can't be decrypted and read (``detail``: for the log only)."""
+    return ScepFailure(*_UNREADABLE[message_type], detail=detail)
 
 
 @dataclass(frozen=True)
@@ -86,7 +106,7 @@ def open_message(material: KeyMaterial, body: bytes) -> Opened:
     """Verify a pkiMessage and open what it carries. MalformedRequest when it can't be read; ScepFailure, with the
     message as ``.request`` once it was read, when it can't be granted (bad signature, algorithm, CSR)."""
     msg = scep.parse_signed(body)
-    if msg.message_type not in _CONTENT:
+    if msg.message_type not in _ENVELOPED:
         return Opened(msg)
     try:
         if msg.message_type in _WITH_CSR and not isinstance(msg.signer_cert.public_key(), rsa.RSAPublicKey):
@@ -94,29 +114,23 @@ def open_message(material: KeyMaterial, body: bytes) -> Opened:
                                                "encrypted to it (the CSR's own key may be EC or Ed25519)")
         if msg.content is None:
             raise ScepFailure(FailInfo.badRequest, "the message carries no enveloped content")
-        sealed = scep.open_envelope(msg.content, material.signer_cert, material.allow_des)
-        plaintext, cipher = sealed.open(sealed.unwrap(material.signer_key))
-        content = _read_content(msg.message_type, plaintext)
+        sealed = scep.open_envelope(msg.content, material.signer_cert, material.allow_des)  # what is in the clear
+        read = _CONTENT.get(msg.message_type)
+        if read is None:  # CertPoll
+            return Opened(msg, None, sealed.cipher)
+        try:
+            plaintext, cipher = sealed.open(sealed.unwrap(material.signer_key))
+        except ScepFailure:
+            raise unreadable(msg.message_type) from None
+        try:
+            content = read(plaintext)
+        except (MalformedRequest, ScepFailure) as e:  # why (a parser's words, not the content) for the log only
+            raise unreadable(msg.message_type, str(e)) from None
         csr_der = content.public_bytes(serialization.Encoding.DER) if msg.message_type in _WITH_CSR else None
     except ScepFailure as failure:
         failure.request = msg
         raise
     return Opened(msg, plaintext, cipher, csr_der)
-
-
-def _read_content(message_type: int, plaintext: bytes):
-    """The decrypted content read (a CSR: its proof of possession checked too).
-
-    Whatever is wrong with it gets the answer a failed decryption gets, the reason going to the log only. A
-    different answer would be a padding oracle: anyone can resend a captured request's envelope, altered, in a
-    message signed by a key of their own, and learn from the answers whether the CBC padding was right, and so
-    decrypt the envelope block by block, challengePassword included. (The RSA key transport already fails
-    without telling: implicit rejection, see scep.SealedEnvelope.open.)
-    """
-    try:
-        return _CONTENT[message_type](plaintext)
-    except (MalformedRequest, ScepFailure) as e:
-        raise ScepFailure(FailInfo.badMessageCheck, scep.UNDECRYPTABLE, detail=str(e)) from None
 
 
 def certificate_job(public_key, decision, serial: int, crl_url: Optional[str]) -> tuple:

@@ -143,17 +143,30 @@ def test_refusals_are_failure_certreps_and_garbage_is_400(app):
     assert status == 400 and b"unsupported operation" in body
 
 
+def _padded(data):
+    n = 16 - len(data) % 16
+    return data + bytes([n]) * n
+
+
 def test_what_fails_inside_the_envelope_gets_one_answer(app):
-    """No padding oracle: bad CBC padding, good padding around garbage and good padding around DER of the wrong
-    kind get the same FAILURE CertRep, for every message type whose content is encrypted. (If they differed, a
-    captured request's envelope, resent in a message signed by anyone, would be decrypted block by block:
-    challengePassword included.)"""
+    """No decryption oracle. Whoever resends a recorded request's envelope, altered, in a message signed by a key of
+    their own must learn nothing of what it decrypts to: for each message type, bad CBC padding, good padding
+    around garbage, DER of another kind, and a content that reads but names nothing known here (a foreign
+    issuer; this CA with a serial that is really a password) get one answer, which tells nothing of the content
+    back. A CertPoll's content is not decrypted at all: it is answered by its transactionID."""
     certs = get_ca_certs(app.url, app.ca_pem)
+    ca = next(c for c in certs if c.issuer == c.subject)
     requester = Requester(certs)
+    secret = b"\x01alice s3cret pass"
+    foreign = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "another CA")])
     contents = {
         "bad padding": os.urandom(31) + b"\x00",
         "garbage": os.urandom(31) + b"\x01",
-        "DER of another kind": b"\x30\x03\x02\x01\x01" + bytes([27]) * 27,
+        "DER of another kind": _padded(b"\x30\x03\x02\x01\x01"),
+        "a foreign issuer": _padded(scep.build_issuer_and_serial(foreign, 7)),
+        "a password as serial": _padded(scep.build_issuer_and_serial(ca.subject, int.from_bytes(secret, "big"))),
+        "an empty issuer and a password as serial": _padded(b"\x30\x17\x30\x00\x02\x13" + secret),
+        "an IssuerAndSubject": _padded(scep.build_issuer_and_subject(ca.subject, foreign)),
     }
     answers = {}
     for message_type in (scep.MessageType.PKCSReq, scep.MessageType.RenewalReq, scep.MessageType.CertPoll,
@@ -164,9 +177,27 @@ def test_what_fails_inside_the_envelope_gets_one_answer(app):
                                    headers=basic("alice", "alice pass"))
             assert status == 200, (message_type, what, body)
             rep, _ = requester.open_reply(body)
-            answers[message_type, what] = (rep.pki_status, rep.fail_info, rep.fail_info_text)
-    assert set(answers.values()) == {(scep.PkiStatus.FAILURE, FailInfo.badMessageCheck, scep.UNDECRYPTABLE)}, answers
-    assert "(CSR: " in app.log()  # why, for the admin
+            if message_type == scep.MessageType.GetCRL and what == "a password as serial":
+                assert rep.pki_status == scep.PkiStatus.SUCCESS  # it names this CA: its CRL, whatever the serial
+                continue
+            assert rep.pki_status == scep.PkiStatus.FAILURE, (message_type, what)
+            assert secret.hex()[2:] not in rep.fail_info_text.lower() and "s3cret" not in rep.fail_info_text
+            answers.setdefault(message_type, set()).add((rep.fail_info, rep.fail_info_text))
+    assert all(len(a) == 1 for a in answers.values()), answers
+    assert answers[scep.MessageType.PKCSReq] == {(FailInfo.badMessageCheck, scep.UNDECRYPTABLE)}
+    assert answers[scep.MessageType.CertPoll] == {(FailInfo.badCertId, "no certificate is known for this "
+                                                                       "transactionID")}
+    assert "(CSR: " in app.log() and "s3cret" not in app.log() and secret.hex()[2:] not in app.log()  # why, for the admin
+    # A CertPoll for a transactionID that has a certificate gets it, whatever its content decrypts to.
+    status, _, body = http(app.url + "?operation=PKIOperation", data=requester.message(), cafile=app.ca_pem,
+                           headers=basic("alice", "alice pass"))
+    assert status == 200 and requester.open_reply(body)[0].pki_status == scep.PkiStatus.SUCCESS
+    issued = requester.open_reply(body)[1]
+    poll = requester.message(scep.MessageType.CertPoll, transaction_id=requester.tid,
+                             envelope=raw_envelope(requester.recipient, contents["bad padding"]))
+    status, _, body = http(app.url + "?operation=PKIOperation", data=poll, cafile=app.ca_pem)
+    rep, polled = requester.open_reply(body)
+    assert rep.pki_status == scep.PkiStatus.SUCCESS and polled == issued
 
 
 def test_state_dir_and_key_modes(app):
