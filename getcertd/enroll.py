@@ -154,6 +154,13 @@ class EnrollmentService:
             identity = await self._authenticate(credentials, csr, client, secure)
         if renewal_of is not None and identity.user != renewal_of.user:
             raise ScepFailure(FailInfo.badRequest, "a renewal must be made by the holder of the certificate")
+        if identity.method == "challengePassword":
+            der = await self._valid_certificate_for_key(identity.user, spki, msg.signer_cert)
+            if der is not None:
+                log.info("SCEP request with {user!r}'s challengePassword for a key that has a valid certificate: "
+                         "that certificate again (a retry under a new transactionID, or a replay)",
+                         user=identity.user)
+                return der, None
         replaces = renewal_of or self._held_by(msg.signer_cert, identity.user)
 
         waiters = self._in_flight[msg.transaction_id] = []
@@ -172,6 +179,26 @@ class EnrollmentService:
         for w in waiters:
             w.callback(der)
         return der, reply
+
+    async def _valid_certificate_for_key(self, user: str, spki: bytes, signer: x509.Certificate) -> Optional[bytes]:
+        """The DER of the newest valid certificate of ``user`` for this public key, unless ``signer`` is that
+        certificate (a renewal with the same key); else None.
+
+        For requests that carry their own credentials (a challengePassword, inside the envelope): anyone who
+        recorded one can resend its envelope in a message of their own with a new transactionID, and the
+        password checks again. Without this, each resend issued another certificate in the user's name, for a
+        key only the user holds: useless to the sender, but each counted against max_valid_per_user, so a few
+        of them locked the user out for a certificate lifetime. (HTTP Basic credentials travel outside the
+        envelope, inside TLS: a recorded envelope alone can't be resent with them.)
+        """
+        for record in reversed(self.log.valid_for_user(user, int(self.clock.seconds()))):
+            der = await self.journal.certificate(record.serial)
+            if der is None:
+                continue
+            cert = x509.load_der_x509_certificate(der)
+            if _spki(cert.public_key()) == spki:
+                return None if cert == signer else der
+        return None
 
     def check_held_certificate(self, old: x509.Certificate) -> Record:
         """The issuance record of a certificate a client proves it holds (a RenewalReq signer, an EST TLS client

@@ -13,6 +13,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from getcertd import scep
 from getcertd.errors import FailInfo
+from getcertd.issuance import IssuanceLog
+from getcertd.journal import replay
 from scepclient import Requester, basic, csr_der, get_ca_certs, http, raw_envelope, rsa_key
 
 
@@ -198,6 +200,41 @@ def test_what_fails_inside_the_envelope_gets_one_answer(app):
     status, _, body = http(app.url + "?operation=PKIOperation", data=poll, cafile=app.ca_pem)
     rep, polled = requester.open_reply(body)
     assert rep.pki_status == scep.PkiStatus.SUCCESS and polled == issued
+
+
+def test_a_recorded_challenge_password_request_resent_issues_nothing_new(appliance_factory):
+    """A plain-HTTP device enrolls with its challengePassword; whoever recorded that request resends its envelope in
+    messages of their own with new transactionIDs. Each gets the device's certificate again, not a new one
+    (before, each issued one more in alice's name, and with max_valid_per_user, 1 here, the second was refused
+    and so was alice). A renewal signed by that certificate, with the same key, still gets a new one."""
+    app = appliance_factory(sections={"policy": {"max_valid_per_user": "1"}}, users={"alice": "alice s3cret pass"},
+                            http=True)
+    certs = get_ca_certs(app.url, app.ca_pem)
+    device = Requester(certs)
+    recorded = device.message(challenge="alice s3cret pass", cn="alice")
+    status, _, body = http(app.http_url + "?operation=PKIOperation", data=recorded)
+    rep, (issued,) = device.open_reply(body)
+    assert status == 200 and rep.pki_status == scep.PkiStatus.SUCCESS
+    sender = Requester(certs)
+    for i in range(3):
+        msg = sender.message(envelope=scep.parse_signed(recorded).content, transaction_id=f"resent-{i}")
+        status, _, body = http(app.http_url + "?operation=PKIOperation", data=msg)
+        rep, got = sender.open_reply(body)
+        assert rep.pki_status == scep.PkiStatus.SUCCESS and got == [issued], (i, rep.fail_info_text)
+    assert app.log().count("that certificate again") == 3 and "s3cret" not in app.log()
+    assert [r.serial for r in journal_records(app)] == [issued.serial_number]
+    renewal = Requester(certs, key=device.key, signer=issued)
+    status, _, body = http(app.http_url + "?operation=PKIOperation", data=renewal.message(
+        scep.MessageType.RenewalReq, challenge="alice s3cret pass", cn="alice"))
+    rep, (renewed,) = renewal.open_reply(body)
+    assert renewed.serial_number != issued.serial_number and renewed.public_key() == issued.public_key()
+    assert [r.serial for r in journal_records(app)] == [issued.serial_number, renewed.serial_number]
+
+
+def journal_records(app):
+    log = IssuanceLog()
+    replay(os.path.join(app.state_dir, "journal"), log)
+    return list(log)
 
 
 def test_state_dir_and_key_modes(app):
