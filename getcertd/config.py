@@ -27,7 +27,7 @@ class ProfileConfig:
 @dataclass(frozen=True)
 class RadiusConfig:
     servers: Tuple[Tuple[str, int], ...] = ()
-    secret: bytes = b""
+    secret: bytes = field(default=b"", repr=False)  # never in logs
     timeout: float = 3.0
     retries: int = 2
     nas_identifier: str = "getcertd"
@@ -268,6 +268,9 @@ def _build(v, raw_profiles, source, read_file) -> Config:
             secret = rad["secret"].encode()
         if not secret:
             raise ConfigError("[radius] secret or secret_file is required")
+        if not rad["nas_identifier"].strip():
+            raise ConfigError("[radius] nas_identifier: must not be empty (RFC 2865 section 4.1: an Access-Request "
+                              "names its NAS, and some servers refuse one that does not)")
         if rad["profile_attribute"] not in ("Class", "Filter-Id"):
             raise ConfigError("[radius] profile_attribute: Class or Filter-Id")
         radius = RadiusConfig(

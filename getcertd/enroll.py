@@ -7,7 +7,7 @@ propagate to getcertd.web, which maps them to status codes.
 """
 import datetime
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from cryptography import x509
@@ -29,7 +29,7 @@ log = Logger()
 class Credentials:
     """HTTP Basic credentials, with the continuation token when answering a challenge."""
     user: str
-    password: bytes
+    password: bytes = field(repr=False)  # never in logs
     token: str = ""
 
 

@@ -353,6 +353,8 @@ class RadiusSettings:
             raise ValueError(f"RADIUS: profile_attribute must be one of {', '.join(PROFILE_ATTRIBUTES)}")
         if self.nas_ip_address is not None:
             object.__setattr__(self, "nas_ip_address", _normalise_host(self.nas_ip_address))
+        elif not self.nas_identifier:
+            raise ValueError("RADIUS: a NAS-Identifier or a NAS address is needed (RFC 2865 section 4.1)")
 
     @property
     def address_family(self) -> int:

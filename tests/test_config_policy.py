@@ -7,6 +7,7 @@ from cryptography.x509.oid import NameOID
 
 from getcertd.auth import ChallengeStore, Identity
 from getcertd.config import ProfileConfig, parse_config, parse_duration
+from getcertd.enroll import Credentials
 from getcertd.errors import ConfigError, FailInfo, ScepFailure
 from getcertd.policy import Policy
 
@@ -38,6 +39,7 @@ def test_durations(text, expected):
     ("[scep]\nallow_legacy_des = maybe\n", "yes or no"),
     ("[policy]\nlifetime = soon\n", "duration"),
     ("[radius]\nsecret = x\n", "[radius] servers"),
+    ("[radius]\nservers = 127.0.0.1:1812\nsecret = x\nnas_identifier =\n", "[radius] nas_identifier"),
     ("[policy]\nprofile_map = gold=nosuch\n", "profile_map"),
 ])
 def test_config_errors_name_the_key(extra, needle):
@@ -57,7 +59,12 @@ def test_radius_and_profiles():
     cfg = parse_config(BASE.replace("users = /tmp/users", "backend = radius") + "[radius]\nservers = 127.0.0.1:1812 [::1]:1813\n"
                        "secret = s3cret\n[policy]\nprofile_map = ikev2-short=short\n[profile short]\nlifetime = 10m\n")
     assert cfg.radius.servers == (("127.0.0.1", 1812), ("::1", 1813)) and cfg.radius.secret == b"s3cret"
+    assert "s3cret" not in repr(cfg) and "s3cret" not in repr(cfg.radius)
     assert cfg.profiles["short"].lifetime == 600 and cfg.profile_map == {"ikev2-short": "short"}
+
+
+def test_a_password_is_not_in_the_credentials_repr():
+    assert "hunter2" not in repr(Credentials("alice", b"hunter2")) and "alice" in repr(Credentials("alice", b"x"))
 
 
 def policy(**kw):

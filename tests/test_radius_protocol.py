@@ -194,9 +194,10 @@ def test_settings_defaults_and_validation():
     assert "secret" not in repr(RadiusSettings(servers=(A,), secret=b"very-secret"))
     assert s.listen_interface == "0.0.0.0"
     assert RadiusSettings(servers=(("0::1", 1812),), secret=b"s").listen_interface == "::"
+    assert RadiusSettings(servers=(A,), secret=b"s", nas_identifier="", nas_ip_address="192.0.2.1").nas_identifier == ""
     for bad in [dict(servers=()), dict(servers=(("radius.example", 1812),)),
                 dict(servers=(("127.0.0.1", 1812), ("::1", 1812))), dict(secret=b""),
-                dict(profile_attribute="Reply-Message"), dict(timeout=0)]:
+                dict(profile_attribute="Reply-Message"), dict(timeout=0), dict(nas_identifier="")]:
         kwargs = dict(servers=(A,), secret=b"s")
         kwargs.update(bad)
         with pytest.raises(ValueError):
