@@ -501,8 +501,12 @@ class Journal(service.Service):
         data = b"".join(lines)
         self._dirty = True
         started = time.monotonic()
-        _write_all(fd, data)
-        os.fsync(fd)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        except OSError:
+            self._cut_failed_batch(fd)
+            raise
         seconds = time.monotonic() - started
         start = self._size
         self._size += len(data)
@@ -513,6 +517,17 @@ class Journal(service.Service):
             offsets.append(start)
             start += len(line)
         return offsets, seconds
+
+    def _cut_failed_batch(self, fd):
+        """Cut what a failed batch wrote, now: its events were refused to their clients, so they must not come
+        back at the next start. If even that fails, ``_dirty`` stays set and the next batch, compaction or
+        close tries again (and a crash before then leaves them: as for a crash during any batch)."""
+        try:
+            os.ftruncate(fd, self._size)
+            os.fsync(fd)
+        except OSError:
+            return
+        self._dirty = False
 
     def _read_der(self, serial, offset):
         fd = self._open()
@@ -603,6 +618,8 @@ class Journal(service.Service):
 
     def _close_fd(self):
         if self._fd is not None:
+            if self._dirty:
+                os.ftruncate(self._fd, self._size)
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None

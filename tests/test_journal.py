@@ -209,7 +209,8 @@ def test_enospc_fails_every_waiting_append_then_recovers(path, monkeypatch, name
     d = j.record_issue(rec(2), b"two")
     with pytest.raises(StorageUnavailable, match="No space left on device"):
         result_of(d)
-    assert failing.calls == 1 and log.get(2) is None  # never acknowledged, never in the log
+    # never acknowledged, never in the log (a failed fsync: once for the batch, once cutting it away)
+    assert failing.calls == (2 if name == "fsync" else 1) and log.get(2) is None
     with pytest.raises(StorageUnavailable):
         result_of(j.record_revocation(1, 1, T0))
     assert log.get(1).revoked_at is None
@@ -219,6 +220,25 @@ def test_enospc_fails_every_waiting_append_then_recovers(path, monkeypatch, name
     again = IssuanceLog()
     assert replay(path, again) == 2 and state(again) == state(log)
     assert open(path, "rb").read().count(b"\n") == 2
+
+
+@pytest.mark.parametrize("name,partial", [("fsync", False), ("write", False), ("write", True)])
+def test_a_failed_batch_does_not_come_back_at_the_next_start(path, monkeypatch, name, partial):
+    """Its clients were answered 503: its events must not be replayed, even when nothing is appended after it
+    (it used to be cut away only by the next batch, so a stop or a crash before one kept it)."""
+    log = IssuanceLog()
+    j = Journal(path, log, run=sync_run)
+    result_of(j.record_issue(rec(1), b"one"))
+    size = os.path.getsize(path)
+    failing = Failing(monkeypatch, name, partial)
+    failing.journal = j
+    with pytest.raises(StorageUnavailable):
+        result_of(j.record_issue(rec(2), b"two"))
+    assert os.path.getsize(path) == size  # cut at once
+    failing.armed = False
+    result_of(j.close())
+    again = IssuanceLog()
+    assert replay(path, again) == 1 and again.get(2) is None and os.path.getsize(path) == size
 
 
 def test_each_commit_reports_how_long_its_write_and_fsync_took(path, monkeypatch):
