@@ -10,10 +10,14 @@ import os
 from typing import Callable, Dict, Optional
 
 from twisted.internet import threads
-from twisted.internet.defer import succeed
+from twisted.internet.defer import fail, succeed
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from getcertd.auth import Accept, IAuthenticator, Identity, Reject
+from getcertd.errors import AuthUnavailable, ConfigError
+
+log = Logger()
 
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 14, 8, 1
 
@@ -45,7 +49,7 @@ def verify_password(password: bytes, encoded: str) -> bool:
 def parse_users(text: str) -> Dict[str, str]:
     """USER -> encoded hash. Raises ValueError naming the line of a malformed entry."""
     users = {}
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): a name may hold U+2028 and the like
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -82,13 +86,22 @@ class LocalAuthenticator:
         self._cache = {}  # HMAC(user, hash, password) -> expiry
         self._cache_key = os.urandom(32)
         self._defer = defer_to_thread
+        self._broken = None  # the users file's error, logged once
 
     def _cache_tag(self, user: str, encoded: str, password: bytes) -> bytes:
         return hmac.new(self._cache_key, b"\0".join([user.encode(), encoded.encode(), password]),
                         hashlib.sha256).digest()
 
     def authenticate(self, user, password, state, client):
-        encoded = self._load_users().get(user)
+        try:
+            users = self._load_users()
+        except ConfigError as e:  # nobody is let in while the file is broken (503): an edit gone wrong, say
+            if str(e) != self._broken:
+                log.error("local accounts: {error}; every login fails until it is mended", error=str(e))
+                self._broken = str(e)
+            return fail(AuthUnavailable("the users file can't be read"))
+        self._broken = None
+        encoded = users.get(user)
         now = self._clock.seconds()
         tag = self._cache_tag(user, encoded or _DUMMY, password)
         expiry = self._cache.get(tag)

@@ -66,8 +66,8 @@ def main(argv=None):
             raise SystemExit(f"getcertd-users: no user {user!r}")
         _write(args.file, users)
         return 0
-    if not user or len(user) > MAX_USER_LENGTH or any(ord(c) < 0x20 or ord(c) == 0x7F for c in user) \
-            or user.startswith("#") or user != user.strip():
+    if not user or len(user) > MAX_USER_LENGTH or not user.isprintable() or user.startswith("#") \
+            or user != user.strip():
         raise SystemExit(f"getcertd-users: user names are 1 to {MAX_USER_LENGTH} printable characters")
     password = _password()
     if not password:

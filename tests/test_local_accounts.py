@@ -68,3 +68,28 @@ def test_local_authenticator_accepts_rejects_and_caches():
     assert len(calls) == 4
     users["alice"] = hash_password(b"changed")
     assert isinstance(_result(auth.authenticate("alice", b"right", None, "127.0.0.1")), Reject)
+
+
+def test_names_that_would_break_the_file_are_refused_and_a_line_is_a_line(tmp_path):
+    """U+0085, U+2028 and U+2029 end a line for str.splitlines(): a name holding one, once written, made the file
+    unreadable, and every local login failed (HTTP 500). They are refused now, and a file that holds one anyway
+    (written by hand) is read line by line on \\n."""
+    f = str(tmp_path / "users")
+    assert _run("--file", f, "add", "alice", stdin="pw\n").returncode == 0
+    for name in ("bob\x85x", "bob\u2028x", "bob\u2029x", "bob\u200ex"):
+        p = _run("--file", f, "add", name, stdin="pw\n")
+        assert p.returncode != 0 and "printable" in p.stderr, name
+    assert _run("--file", f, "list").stdout.split() == ["alice"]
+    encoded = hash_password(b"pw")
+    assert parse_users(f"carol\u2028x:{encoded}\nalice:{encoded}\n") == {"carol\u2028x": encoded, "alice": encoded}
+
+
+def test_a_broken_users_file_is_503_not_500_and_logged_once():
+    from getcertd.errors import AuthUnavailable, ConfigError
+
+    def broken():
+        raise ConfigError("/etc/getcertd/users: line 2: expected USER:$scrypt$...")
+    auth = LocalAuthenticator(broken, Clock(), defer_to_thread=_sync)
+    for _ in range(2):
+        failure = _result(auth.authenticate("alice", b"pw", None, "127.0.0.1"))
+        assert failure.check(AuthUnavailable)
