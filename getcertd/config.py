@@ -24,6 +24,12 @@ class ProfileConfig:
     eku: Tuple[str, ...]
 
 
+def crl_margin(interval: int) -> int:
+    """How much longer than the interval a CRL's lifetime must be: a tick may run late and a big CRL takes a
+    moment to build, and the next regular CRL must come before this one's nextUpdate (RFC 5280 5.1.2.5)."""
+    return min(interval, 60)
+
+
 @dataclass(frozen=True)
 class RadiusConfig:
     servers: Tuple[Tuple[str, int], ...] = ()
@@ -300,8 +306,13 @@ def _build(v, raw_profiles, source, read_file) -> Config:
         raise ConfigError(f"[policy] default_profile: no profile named {pol['default_profile']!r}")
     crl_interval = max(_dur("crl", "interval", v["crl"]["interval"]), 1)
     crl_lifetime = _dur("crl", "lifetime", v["crl"]["lifetime"])
-    if crl_lifetime < crl_interval:
-        raise ConfigError("[crl] lifetime: must be at least [crl] interval (a CRL must stay valid until the next)")
+    if crl_lifetime < crl_interval + crl_margin(crl_interval):
+        raise ConfigError(f"[crl] lifetime: must exceed [crl] interval by at least {crl_margin(crl_interval)} s (a "
+                          "CRL must stay valid until the next one is out)")
+    log_retain = _dur("log", "retain", v["log"]["retain"])
+    if log_retain < crl_lifetime:
+        raise ConfigError("[log] retain: must be at least [crl] lifetime (an expired revoked certificate must stay "
+                          "on the CRL until a regular CRL issued after it expired has listed it)")
     manhole_listen, manhole_allow_remote = _local_listener("manhole", v)
     metrics_listen, metrics_allow_remote = _local_listener("metrics", v)
 
@@ -324,7 +335,7 @@ def _build(v, raw_profiles, source, read_file) -> Config:
         max_per_user_per_hour=_int("policy", "max_per_user_per_hour", pol["max_per_user_per_hour"]),
         default_profile=pol["default_profile"], profiles=profiles, profile_map=profile_map,
         crl_interval=crl_interval, crl_lifetime=crl_lifetime, crl_url=v["crl"]["url"],
-        log_retain=_dur("log", "retain", v["log"]["retain"]),
+        log_retain=log_retain,
         manhole_listen=manhole_listen, manhole_authorized_keys=v["manhole"]["authorized_keys"],
         metrics_listen=metrics_listen, manhole_allow_remote=manhole_allow_remote,
         metrics_allow_remote=metrics_allow_remote, source=source)

@@ -19,6 +19,7 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from getcertd.config import crl_margin
 from getcertd.errors import ConfigError
 from getcertd.issuance import CRL_REASONS
 from getcertd.journal import fsync_dir
@@ -224,12 +225,14 @@ class CrlPublisher(service.Service):
     :param log: the :class:`~getcertd.issuance.IssuanceLog`.
     :param clock: an IReactorTime.
     :param interval: seconds between regular CRLs.
-    :param lifetime: seconds from thisUpdate to nextUpdate (at least ``interval``; default ``2 * interval``).
+    :param lifetime: seconds from thisUpdate to nextUpdate (at least ``interval + crl_margin(interval)``, so the
+        next regular CRL comes before it; default ``2 * interval``).
     :param run: ``run(f, *args) -> Deferred`` for the signing and the number file (by default synchronous;
         pass e.g. ``twisted.internet.threads.deferToThread`` to keep a big CRL's signing off the reactor).
 
-    A revoked certificate stays on the CRL until ``interval`` seconds after its notAfter, so it appears on at
-    least one regularly scheduled CRL issued after it expired (RFC 5280 section 3.3), then drops off.
+    A revoked certificate stays on the CRL until a regularly scheduled CRL issued after its notAfter has listed
+    it (RFC 5280 section 3.3), then drops off: however late a timer tick runs. After a start, before any
+    scheduled CRL of this process, every revoked certificate still in the issuance log is listed.
     """
 
     name = "crl"
@@ -238,8 +241,9 @@ class CrlPublisher(service.Service):
         if interval <= 0:
             raise ValueError("CRL interval must be positive")
         lifetime = 2 * interval if lifetime is None else lifetime
-        if lifetime < interval:
-            raise ValueError(f"CRL lifetime ({lifetime} s) is shorter than the interval ({interval} s)")
+        if lifetime < interval + crl_margin(interval):
+            raise ValueError(f"CRL lifetime ({lifetime} s) must exceed the interval ({interval} s) by at least "
+                             f"{crl_margin(interval)} s")
         self.ca = ca
         self.log = log
         self.clock = clock
@@ -254,6 +258,8 @@ class CrlPublisher(service.Service):
         self.this_update = None
         self.next_update = None
         self.entries = 0
+        self._scheduled = False  # the next generation is a regular one (the timer's, or the first)
+        self._scheduled_this_update = None  # thisUpdate (seconds) of the last regular CRL published
         self._waiting = []  # Deferreds of publish() calls not yet served by a running generation
         self._running = None  # Deferred of the generation in progress
         self._loop = LoopingCall(self._tick)
@@ -264,6 +270,7 @@ class CrlPublisher(service.Service):
         if self.der is None and self._running is None:
             # The first CRL on this thread, before the listeners start (they are started after this service):
             # a gateway or client asking right after a restart gets a CRL, not a 503.
+            self._scheduled = True
             self._generate(defer.maybeDeferred)
         self._loop.start(self.interval, now=False)
 
@@ -292,6 +299,7 @@ class CrlPublisher(service.Service):
         return d
 
     def _tick(self):
+        self._scheduled = True
         self.publish().addErrback(lambda f: None)  # logged in _generated
 
     def _generate(self, run=None):
@@ -299,20 +307,24 @@ class CrlPublisher(service.Service):
         now = int(self.clock.seconds())
         number = self._last_number + 1
         self._last_number = number  # never reused, even if this attempt fails
-        revoked = [(r.serial, r.revoked_at, r.revocation_reason)
-                   for r in self.log.revoked_unexpired(now - self.interval)]
+        scheduled, self._scheduled = self._scheduled, False
+        # Listed: every revoked certificate that no regular CRL issued after its notAfter has listed yet.
+        listed_after = -1 if self._scheduled_this_update is None else self._scheduled_this_update - 1
+        revoked = [(r.serial, r.revoked_at, r.revocation_reason) for r in self.log.revoked_unexpired(listed_after)]
         this_update = datetime.datetime.fromtimestamp(now, _UTC)
         next_update = datetime.datetime.fromtimestamp(now + self.lifetime, _UTC)
         d = self._running = (run or self._run)(self._make, number, revoked, this_update, next_update)
-        d.addBoth(self._generated, waiters, number, this_update, next_update, len(revoked))
+        d.addBoth(self._generated, waiters, number, this_update, next_update, len(revoked), scheduled and now)
 
     def _make(self, number, revoked, this_update, next_update):
         save_crl_number(self.number_path, number)
         return build_crl(self.ca.key, self.ca.certificate, revoked, number, this_update, next_update)
 
-    def _generated(self, result, waiters, number, this_update, next_update, entries):
+    def _generated(self, result, waiters, number, this_update, next_update, entries, scheduled_at):
         self._running = None
         if isinstance(result, bytes):
+            if scheduled_at is not False:
+                self._scheduled_this_update = scheduled_at
             self.der = result
             self.pem = crl_pem(result)
             self.number, self.this_update, self.next_update, self.entries = number, this_update, next_update, entries

@@ -182,14 +182,24 @@ def test_publisher_numbers_regenerates_and_drops_expired(setup, tmp_path):
     assert pub.number == 3 and serials(pub.der) == [1, 3]
     clock.advance(HOUR)  # T0 + 2h + 60 s: more than an interval past serial 1's notAfter
     assert pub.number == 4 and serials(pub.der) == [3]
-    clock.advance(2 * HOUR)  # serial 3 expired at T0 + 3h; T0 + 4h + 60 s is over an interval later
-    assert pub.number == 5 and serials(pub.der) == []
+    # Two intervals at once (the timer ran late): serial 3 expired at T0 + 3h, and the last regular CRL (T0 + 2h
+    # + 60 s) came before that, so this one (T0 + 4h + 60 s) must still list it (RFC 5280 section 3.3); it used
+    # to drop it, being more than an interval past its notAfter.
+    clock.advance(2 * HOUR)
+    assert pub.number == 5 and serials(pub.der) == [3]
     crl = x509.load_der_x509_crl(pub.der)
     assert crl.last_update_utc == datetime.datetime.fromtimestamp(T0 + 4 * HOUR + 60, UTC)
     assert crl.is_signature_valid(ca.certificate.public_key())
+    clock.advance(HOUR)  # a regular CRL issued after serial 3 expired has listed it: it goes
+    assert pub.number == 6 and serials(pub.der) == []
+    # A new publisher (a restart) has no regular CRL of its own yet: its first lists every revoked record left.
+    again = CrlPublisher(ca, state_dir, log, clock, interval=HOUR, lifetime=3 * HOUR)
+    again.startService()
+    assert serials(again.der) == [1, 3]
+    again.stopService()
     assert pub.stopService() is None
     clock.advance(10 * HOUR)
-    assert pub.number == 5  # stopped: no more timer
+    assert pub.number == 6  # stopped: no more timer
     if OPENSSL:
         check_with_openssl(tmp_path, ca, pub.der)
 
@@ -217,8 +227,9 @@ def test_bad_number_file_and_settings_are_refused(setup):
     with pytest.raises(ConfigError, match="crl_number: not a CRL number"):
         CrlPublisher(ca_for("ec"), state_dir, log, clock)
     os.unlink(os.path.join(state_dir, "crl_number"))
-    with pytest.raises(ValueError, match="shorter than the interval"):
-        CrlPublisher(ca_for("ec"), state_dir, log, clock, interval=HOUR, lifetime=60)
+    for lifetime in (60, HOUR, HOUR + 59):  # the next CRL must come before nextUpdate, even a little late
+        with pytest.raises(ValueError, match="must exceed the interval"):
+            CrlPublisher(ca_for("ec"), state_dir, log, clock, interval=HOUR, lifetime=lifetime)
 
 
 class ManualRun:

@@ -56,9 +56,13 @@ def test_manhole_and_metrics_refuse_remote_listeners_unless_allowed():
         conf("[manhole]\nallow_remote = maybe\n")
 
 
-def test_crl_lifetime_shorter_than_interval_is_refused():
-    with pytest.raises(ConfigError, match=r"\[crl\] lifetime: must be at least \[crl\] interval"):
-        conf("[crl]\ninterval = 2h\nlifetime = 1h\n")
+def test_crl_lifetime_and_log_retention_must_outlast_the_interval():
+    for lifetime in ("1h", "2h", "7259s"):
+        with pytest.raises(ConfigError, match=r"\[crl\] lifetime: must exceed \[crl\] interval by at least 60 s"):
+            conf(f"[crl]\ninterval = 2h\nlifetime = {lifetime}\n")
+    assert conf("[crl]\ninterval = 2h\nlifetime = 121m\n").crl_lifetime == 7260
+    with pytest.raises(ConfigError, match=r"\[log\] retain: must be at least \[crl\] lifetime"):
+        conf("[crl]\ninterval = 1d\nlifetime = 2d\n[log]\nretain = 1d\n")
 
 
 # -- serial numbers as openssl prints them --------------------------------------------------------------
