@@ -76,8 +76,9 @@ def replay(path: str, log) -> int:
 # The replay fast path. Lines written by encode_event(issue_event(...)) have a fixed layout, "der" last. One
 # compiled regular expression reads the part before the DER when every string in it is printable ASCII without
 # a quote or a backslash (so it holds no escape) and every number is unsigned; anything else (escapes, another
-# layout, a revoke event) goes to json.loads, the reference. (The base64 DER is not looked at here, beyond its
-# closing quote; it is checked when it is read back.) A quarter fewer instructions than splitting on quotes.
+# layout, a revoke event) goes to json.loads, the reference. (The base64 DER is only checked for its closing
+# quote, NUL bytes and bytes over 0x7F, which a zeroed or garbled disk block leaves and json.loads would refuse;
+# the rest when it is read back.) A quarter fewer instructions than splitting on quotes.
 _DER_KEY = b',"der":"'
 _STRING_FIELDS = ("user", "profile", "subject", "san", "key_type", "transaction_id", "client", "auth_method")
 _OPTIONAL_FIELDS = ("revoked_at", "revocation_reason")
@@ -94,7 +95,8 @@ _issue_match = _ISSUE_LINE.match
 def _fast_issue(line: bytes, offset: int):
     """A Record from a newline-terminated issue line in the canonical layout, or None."""
     m = _issue_match(line)
-    if m is None or line[-3:] != b'"}\n' or line.find(b'"', m.end()) != len(line) - 3:
+    if m is None or line[-3:] != b'"}\n' or line.find(b'"', m.end()) != len(line) - 3 or not line.isascii() \
+            or line.find(b"\0") >= 0:
         return None
     serial, user, profile, subject, san, key_type, not_before, not_after, tid, client, auth, issued_at, \
         revoked_at, reason = m.groups()

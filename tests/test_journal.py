@@ -148,7 +148,14 @@ def test_torn_last_line_is_skipped_then_truncated_before_the_next_append(path, t
     assert replay(path, again) == 4 and state(again) == state(log)
 
 
-@pytest.mark.parametrize("bad", [b"{not json}\n", b'{"e":"issue","ser\n', b"\n", b"garbage"])
+def _garbled(line, block):
+    """``line`` with 64 bytes of its base64 DER overwritten by ``block`` (a zeroed or garbled disk block)."""
+    at = line.index(b'"der":"') + 10
+    return line[:at] + block + line[at + len(block):]
+
+
+@pytest.mark.parametrize("bad", [b"{not json}\n", b'{"e":"issue","ser\n', b"\n", b"garbage",
+                                 _garbled(lines_for(2)[1], bytes(64)), _garbled(lines_for(2)[1], b"\xa7" * 64)])
 def test_corruption_before_the_last_line_names_the_file_and_line(path, bad):
     good = lines_for(3)
     write(path, good[0] + bad + (b"\n" if not bad.endswith(b"\n") else b"") + good[1] + good[2])
