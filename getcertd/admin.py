@@ -79,6 +79,14 @@ def _result(d):
     return out[0]
 
 
+def _read_file(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ConfigError(f"can't read {path}: {e.strerror}") from None
+
+
 class _Context:
     def __init__(self, args):
         self.config = None
@@ -86,9 +94,13 @@ class _Context:
             try:
                 with open(args.config, encoding="utf-8") as f:
                     text = f.read()
-                self.config = parse_config(text, source=args.config, read_file=lambda p: open(p, "rb").read())
             except OSError as e:
                 raise ConfigError(f"can't read {args.config}: {e.strerror}") from None
+            except UnicodeDecodeError:
+                raise ConfigError(f"{args.config}: not UTF-8 text") from None
+            self.config = parse_config(text, source=args.config, read_file=_read_file)
+        elif not args.state_dir:
+            raise ConfigError("--state-dir: empty")
         self.state_dir = args.state_dir or self.config.state_dir
         if not os.path.isdir(self.state_dir):
             raise ConfigError(f"{self.state_dir}: no such state directory")
@@ -163,6 +175,9 @@ def cmd_revoke(ctx, args, out):
 
 
 def cmd_crl(ctx, args, out):
+    if args.out not in (None, "-"):  # before a CRL number is spent on it
+        if os.path.isdir(args.out) or not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+            raise ConfigError(f"--out {args.out}: not a file in an existing directory")
     ctx.take_lock()
     ca = ctx.ca()
     ctx.replay()
@@ -226,6 +241,9 @@ def main(argv=None):
         return 2
     except BrokenPipeError:
         return 0
+    except OSError as e:
+        sys.stderr.write(f"getcertd-admin: {e.filename or ''}: {e.strerror or e}\n")
+        return 2
 
 
 if __name__ == "__main__":

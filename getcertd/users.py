@@ -43,6 +43,15 @@ def _password():
 
 
 def main(argv=None):
+    try:
+        return _main(argv)
+    except OSError as e:
+        raise SystemExit(f"getcertd-users: {e.filename or ''}: {e.strerror or e}")
+    except UnicodeError:
+        raise SystemExit("getcertd-users: the user name or the file is not valid UTF-8")
+
+
+def _main(argv):
     ap = argparse.ArgumentParser(prog="getcertd-users", description=__doc__)
     ap.add_argument("--file", required=True, help="the users file named by [auth] users")
     sub = ap.add_subparsers(dest="command", required=True)

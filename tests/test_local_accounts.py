@@ -93,3 +93,10 @@ def test_a_broken_users_file_is_503_not_500_and_logged_once():
     for _ in range(2):
         failure = _result(auth.authenticate("alice", b"pw", None, "127.0.0.1"))
         assert failure.check(AuthUnavailable)
+
+
+def test_getcertd_users_bad_places_are_one_line(tmp_path):
+    for args in (["--file", str(tmp_path / "nodir" / "users"), "add", "alice"], ["--file", str(tmp_path), "list"],
+                 ["--file", str(tmp_path), "add", "alice"]):
+        p = _run(*args, stdin="pw\n")
+        assert p.returncode != 0 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, (args, p.stderr)

@@ -366,6 +366,15 @@ def test_getcertd_admin_list_revoke_crl(appliance_factory, tmp_path):
     assert v.returncode == 0 and serials["a0"] in v.stdout.decode() and serials["b"] in v.stdout.decode()
     p = subprocess.run([tool("getcertd-admin"), "--config", app.config_path, "crl"], capture_output=True, timeout=60)
     assert p.returncode == 0 and p.stdout.startswith(b"-----BEGIN X509 CRL-----")
+    # bad places and inputs: one line each, no traceback, no CRL number spent, no stray file
+    latin1 = tmp_path / "latin1.ini"
+    latin1.write_bytes(b"[getcertd]\nstate_dir = /tmp/caf\xe9\n")
+    for args in (["--state-dir", app.state_dir, "crl", "--out", str(tmp_path / "nodir" / "x.crl")],
+                 ["--state-dir", app.state_dir, "crl", "--out", str(tmp_path)],
+                 ["--config", str(latin1), "list"], ["--state-dir", "", "list"]):
+        p = admin(*args)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, (args, p.stderr)
+    assert not os.path.exists(str(tmp_path) + ".tmp")
     # the appliance starts on it: the CRL it serves lists both, with a number past getcertd-admin's
     app.start()
     crl = crl_of(app)
