@@ -314,7 +314,8 @@ class CrlPublisher(service.Service):
         this_update = datetime.datetime.fromtimestamp(now, _UTC)
         next_update = datetime.datetime.fromtimestamp(now + self.lifetime, _UTC)
         d = self._running = (run or self._run)(self._make, number, revoked, this_update, next_update)
-        d.addBoth(self._generated, waiters, number, this_update, next_update, len(revoked), scheduled and now)
+        d.addBoth(self._generated, waiters, number, this_update, next_update, len(revoked),
+                  now if scheduled else None)
 
     def _make(self, number, revoked, this_update, next_update):
         save_crl_number(self.number_path, number)
@@ -323,7 +324,7 @@ class CrlPublisher(service.Service):
     def _generated(self, result, waiters, number, this_update, next_update, entries, scheduled_at):
         self._running = None
         if isinstance(result, bytes):
-            if scheduled_at is not False:
+            if scheduled_at is not None:
                 self._scheduled_this_update = scheduled_at
             self.der = result
             self.pem = crl_pem(result)
