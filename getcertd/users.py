@@ -42,6 +42,12 @@ def _password():
     return line[:-1] if line.endswith("\n") else line
 
 
+def _not_in_a_name(c: str) -> bool:
+    """C0, DEL and C1 controls and the Unicode line breaks: the users file is lines (a bidi control is allowed:
+    the policy puts the whole name in one CN value)."""
+    return ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F or c in "\u2028\u2029"
+
+
 def main(argv=None):
     try:
         return _main(argv)
@@ -75,7 +81,7 @@ def _main(argv):
             raise SystemExit(f"getcertd-users: no user {user!r}")
         _write(args.file, users)
         return 0
-    if not user or len(user) > MAX_USER_LENGTH or not user.isprintable() or user.startswith("#") \
+    if not user or len(user) > MAX_USER_LENGTH or any(_not_in_a_name(c) for c in user) or user.startswith("#") \
             or user != user.strip():
         raise SystemExit(f"getcertd-users: user names are 1 to {MAX_USER_LENGTH} printable characters")
     password = _password()
