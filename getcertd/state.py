@@ -16,9 +16,15 @@ from getcertd.ca import (CertificateAuthority, cert_pem, fingerprint, generate_k
 from getcertd.errors import ConfigError
 from getcertd.local import parse_users
 
-RA_LIFETIME = datetime.timedelta(days=365)
+# The RA certificate this appliance issues itself is valid as long as its CA (it is re-issued only at a start,
+# and a running appliance must not find it expired: every SCEP client would refuse its CertReps; its key sits
+# beside the CA key, so a shorter life would protect nothing). A shorter one from before is replaced at the
+# next start. The TLS certificate keeps a short life (clients and scanners hold a TLS server certificate to at
+# most 366 days) and is renewed RENEW_BEFORE its end, also while running (getcertd.tap checks daily).
+CA_LONG = datetime.timedelta(days=365 * 100)  # "until the CA's notAfter" (issue_ra caps there)
 TLS_LIFETIME = datetime.timedelta(days=90)
 RENEW_BEFORE = datetime.timedelta(days=14)
+EXPIRY_WARNING = datetime.timedelta(days=30)  # a certificate the appliance serves warns this long before
 
 
 def ensure_state_dir(path: str) -> None:
@@ -144,8 +150,7 @@ def _load_or_issue(state_dir, name, now, ca, make_key, issue, still_good):
     if os.path.exists(key_path) and os.path.exists(cert_path):
         key = load_key(key_path, name + " key")
         cert = load_cert(cert_path, name + " certificate")
-        if (_same_public_key(key, cert) and cert.issuer == ca.certificate.subject
-                and cert.not_valid_after_utc - RENEW_BEFORE > now and still_good(cert)):
+        if _same_public_key(key, cert) and cert.issuer == ca.certificate.subject and still_good(cert):
             try:
                 cert.verify_directly_issued_by(ca.certificate)
                 return key, cert
@@ -162,7 +167,8 @@ def _load_or_issue(state_dir, name, now, ca, make_key, issue, still_good):
 def load_or_create_ra(config, ca: CertificateAuthority, now: datetime.datetime):
     """The RA key (always RSA-2048: SCEP clients encrypt to it with RSA key transport) and its certificate."""
     return _load_or_issue(config.state_dir, "ra", now, ca, lambda: generate_key("rsa2048"),
-                          lambda key: ca.issue_ra(key, now, RA_LIFETIME), lambda cert: True)
+                          lambda key: ca.issue_ra(key, now, CA_LONG),
+                          lambda cert: cert.not_valid_after_utc >= ca.not_after() - datetime.timedelta(minutes=1))
 
 
 def load_or_create_tls(config, ca: CertificateAuthority, now: datetime.datetime):
@@ -174,11 +180,25 @@ def load_or_create_tls(config, ca: CertificateAuthority, now: datetime.datetime)
             raise ConfigError("[https] key does not match [https] certificate")
         return key, chain[0], chain[1:]
 
-    def names_match(cert):
-        return cert.subject.rfc4514_string() == f"CN={config.server_name}"
+    def still_good(cert):
+        return cert.subject.rfc4514_string() == f"CN={config.server_name}" \
+            and cert.not_valid_after_utc - RENEW_BEFORE > now
     key, cert = _load_or_issue(config.state_dir, "tls", now, ca, lambda: generate_key("ec-p256"),
-                               lambda key: ca.issue_tls(key, config.server_name, now, TLS_LIFETIME), names_match)
+                               lambda key: ca.issue_tls(key, config.server_name, now, TLS_LIFETIME), still_good)
     return key, cert, [ca.certificate]
+
+
+def expiry_warnings(certificates: dict, now: datetime.datetime) -> list:
+    """One line for each of ``certificates`` (what -> x509.Certificate) that has expired or expires within
+    EXPIRY_WARNING of ``now``."""
+    lines = []
+    for what, cert in certificates.items():
+        left = cert.not_valid_after_utc - now
+        if left <= datetime.timedelta(0):
+            lines.append(f"the {what} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
+        elif left <= EXPIRY_WARNING:
+            lines.append(f"the {what} expires on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, in {left.days} days")
+    return lines
 
 
 def users_loader(path: str):

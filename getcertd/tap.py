@@ -12,6 +12,7 @@ from OpenSSL import SSL, crypto as _crypto
 from OpenSSL._util import lib as _openssl_lib
 from cryptography.hazmat.primitives import serialization
 from twisted.application import service, strports
+from twisted.application.internet import TimerService
 from twisted.internet import defer, ssl, threads
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -110,6 +111,26 @@ def tls_options(key, cert, chain, client_ca=None):
     return options
 
 
+def check_certificates(config, ca, tls, served: dict, today: datetime.datetime) -> None:
+    """Daily: renew our own TLS certificate when due (state.RENEW_BEFORE), in the context every new connection
+    uses (``tls``, from tls_options); warn about any certificate in ``served`` that expires within 30 days."""
+    if not config.https_certificate:
+        key, cert, _ = state.load_or_create_tls(config, ca, today)
+        if cert != served["TLS certificate"]:
+            # pyOpenSSL refuses to change a context that made connections; OpenSSL itself allows it, and new
+            # connections then use the new certificate (the extra chain, our CA, stays).
+            ctx = tls.getContext()._context
+            x509, pkey = _crypto.X509.from_cryptography(cert), _crypto.PKey.from_cryptography_key(key)
+            if _openssl_lib.SSL_CTX_use_certificate(ctx, x509._x509) != 1 \
+                    or _openssl_lib.SSL_CTX_use_PrivateKey(ctx, pkey._pkey) != 1 \
+                    or _openssl_lib.SSL_CTX_check_private_key(ctx) != 1:
+                raise RuntimeError("OpenSSL refused the renewed TLS certificate")
+            served["TLS certificate"] = cert
+            log.info("TLS certificate renewed, valid until {until}", until=cert.not_valid_after_utc.isoformat())
+    for line in state.expiry_warnings(served, today):
+        log.warn("{line}: replace it", line=line)
+
+
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
@@ -161,6 +182,18 @@ def _make(config, reactor, now):
                                    lifetime=config.crl_lifetime, run=threads.deferToThread)
     crl.setServiceParent(top)  # named "crl": a CRL at start, every [crl] interval and after each revocation
     CompactionService(journal, reactor, config.log_retain).setServiceParent(top)
+    tls = tls_options(tls_key, tls_cert, tls_chain, client_ca=ca.certificate)
+    served = {"CA certificate": ca.certificate, "TLS certificate": tls_cert}
+    if ra_cert is not None:
+        served["RA certificate"] = ra_cert
+
+    def daily():
+        check_certificates(config, ca, tls, served, datetime.datetime.fromtimestamp(reactor.seconds(),
+                                                                                    datetime.timezone.utc))
+    certificates = TimerService(86400, daily)
+    certificates.clock = reactor
+    certificates.setName("certificates")
+    certificates.setServiceParent(top)
 
     if config.auth_backend == "local":
         authenticator = LocalAuthenticator(state.users_loader(config.users_file), reactor)
@@ -211,8 +244,7 @@ def _make(config, reactor, now):
 
     Drain(sites, reactor).setServiceParent(top)  # stops after the listeners below: in-flight requests finish
 
-    https = strports.service(config.https_listen, TLSMemoryBIOFactory(
-        tls_options(tls_key, tls_cert, tls_chain, client_ca=ca.certificate), False, site(True)))
+    https = strports.service(config.https_listen, TLSMemoryBIOFactory(tls, False, site(True)))
     https.setName("https")
     https.setServiceParent(top)
     if config.http_listen:

@@ -351,3 +351,60 @@ def test_compaction_runs_after_ten_minutes_then_daily_on_the_clock(tmp_path):
     service.stopService()
     assert not clock.getDelayedCalls()
     fired(journal.close())
+
+
+# -- the appliance's own certificates -----------------------------------------------------------------------
+
+def test_the_ra_certificate_lasts_as_long_as_the_ca_and_a_shorter_one_is_replaced(tmp_path):
+    """It is re-issued only at a start, so a running appliance must not see it expire (a 365-day one did: every
+    SCEP client then refused the CertReps). An older, shorter one is re-issued at the next start, same key."""
+    ca, config, now = _own_ca(tmp_path)
+    ra_key, ra_cert = state.load_or_create_ra(config, ca, now)
+    assert ra_cert.not_valid_after_utc == ca.not_after()
+    short = ca.issue_ra(ra_key, now, datetime.timedelta(days=365))
+    state.write_public(str(tmp_path / "ra.pem"), short.public_bytes(serialization.Encoding.PEM))
+    again_key, again = state.load_or_create_ra(config, ca, now + datetime.timedelta(days=1))
+    assert again.not_valid_after_utc == ca.not_after() and again != short
+    assert again_key.private_numbers() == ra_key.private_numbers()
+    assert state.load_or_create_ra(config, ca, now + datetime.timedelta(days=2))[1] == again  # kept once good
+
+
+def test_the_tls_certificate_is_renewed_in_the_running_context(tmp_path):
+    """90 days, renewed 14 days before its end by the daily check, in the SSL context new connections use (it
+    used to be renewed only at a start: a running appliance served it expired)."""
+    from OpenSSL import SSL
+    from getcertd import tap
+    ca, config, now = _own_ca(tmp_path)
+    key, cert, chain = state.load_or_create_tls(config, ca, now)
+    tls = tap.tls_options(key, cert, chain)
+    served = {"TLS certificate": cert, "CA certificate": ca.certificate}
+
+    def in_context():
+        return SSL.Connection(tls.getContext(), None).get_certificate().to_cryptography()
+    tap.check_certificates(config, ca, tls, served, now + datetime.timedelta(days=70))
+    assert in_context() == cert and served["TLS certificate"] == cert  # not due yet
+    tap.check_certificates(config, ca, tls, served, now + datetime.timedelta(days=80))
+    renewed = served["TLS certificate"]
+    assert renewed != cert and in_context() == renewed
+    assert renewed.not_valid_after_utc > cert.not_valid_after_utc + datetime.timedelta(days=70)
+    assert state.load_cert(str(tmp_path / "tls.pem"), "tls") == renewed  # and on disk, for the next start
+
+
+def _own_ca(tmp_path):
+    now = datetime.datetime.fromtimestamp(int(datetime.datetime.now(datetime.timezone.utc).timestamp()),
+                                          datetime.timezone.utc)
+    key = ec.generate_private_key(ec.SECP256R1())
+    ca = CertificateAuthority(key, make_ca_certificate(key, "CN=Unit CA", now, datetime.timedelta(days=3650)))
+    return ca, conf(f"[getcertd]\nstate_dir = {tmp_path}\nserver_name = vpn.example.org\n"), now
+
+
+def test_certificates_about_to_expire_are_named():
+    now = datetime.datetime(2026, 11, 28, tzinfo=datetime.timezone.utc)
+    key = ec.generate_private_key(ec.SECP256R1())
+
+    def lasting(days):
+        return make_ca_certificate(key, "CN=x", now - datetime.timedelta(days=1), datetime.timedelta(days=days + 1))
+    lines = state.expiry_warnings({"TLS certificate": lasting(10), "RA certificate": lasting(-0.5),
+                                   "CA certificate": lasting(400)}, now)
+    assert lines == ["the TLS certificate expires on 2026-12-08 00:00 UTC, in 10 days",
+                     "the RA certificate expired on 2026-11-27 12:00 UTC"]
