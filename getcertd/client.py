@@ -12,6 +12,7 @@ import os
 import socket
 import select
 import sys
+import tempfile
 import time
 from io import BytesIO
 from urllib.parse import urlsplit
@@ -22,9 +23,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
-from twisted.internet import defer, ssl, task, threads
+from cryptography.exceptions import UnsupportedAlgorithm
+from twisted.internet import defer, protocol, ssl, task, threads
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, PotentialDataLoss, ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
@@ -35,6 +37,49 @@ from getcertd.errors import FailInfo, GetcertdError
 
 CHALLENGE_HEADER = b"Getcertd-Challenge"
 MAX_ROUNDS = 6
+REQUEST_TIMEOUT = 60  # seconds for one request, from connecting to the end of its answer (--timeout)
+MAX_ANSWER = 4 << 20  # bytes: a CertRep or a CA chain is a few KB
+
+
+def printable(text: str, limit: int = 300) -> str:
+    """Server-supplied text made safe for a terminal: control characters (escape sequences) shown as '?'."""
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+
+
+class _BoundedBody(protocol.Protocol):
+    """An answer's body, refused past MAX_ANSWER bytes."""
+
+    def __init__(self, finished):
+        self.finished = finished
+        self.data = bytearray()
+        self.transport = None
+
+    def dataReceived(self, data):
+        self.data += data
+        if len(self.data) > MAX_ANSWER and not self.finished.called:
+            self.finished.errback(ClientError(f"the server's answer is over {MAX_ANSWER >> 20} MiB"))
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason):
+        if self.finished.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.finished.callback(bytes(self.data))
+        else:
+            self.finished.errback(reason)
+
+
+def _read_body(response) -> defer.Deferred:
+    """The body of ``response``, at most MAX_ANSWER bytes; cancelling it (a timeout) drops the connection."""
+    body = _BoundedBody(None)
+
+    def cancel(_):
+        if body.transport is not None:
+            body.transport.stopProducing()
+    body.finished = defer.Deferred(cancel)
+    response.deliverBody(body)
+    return body.finished
+
 
 
 class ClientError(Exception):
@@ -119,6 +164,7 @@ def _describe_tls_failure(failure) -> str:
 
 class ScepSession:
     def __init__(self, reactor, url, trust, args, password_source):
+        self.reactor = reactor
         self.url = url.rstrip("?")
         self.agent = Agent(reactor, contextFactory=trust, pool=HTTPConnectionPool(reactor, persistent=True),
                            connectTimeout=30)
@@ -127,17 +173,25 @@ class ScepSession:
 
     async def request(self, method, url, headers=None, body=None):
         producer = FileBodyProducer(BytesIO(body)) if body is not None else None
+        timeout = getattr(self.args, "timeout", REQUEST_TIMEOUT)
+        deadline = self.reactor.seconds() + timeout
         try:
-            response = await self.agent.request(method, url.encode(), Headers(headers or {}), producer)
-            data = await readBody(response)
-        except Exception as e:  # TLS, DNS and connection failures
+            response = await self.agent.request(method, url.encode(), Headers(headers or {}), producer).addTimeout(
+                timeout, self.reactor)
+            data = await _read_body(response).addTimeout(max(deadline - self.reactor.seconds(), 0.001), self.reactor)
+        except ClientError:
+            raise
+        except Exception as e:  # TLS, DNS and connection failures; the timeout's cancellation, as the agent wraps it
+            if isinstance(e, defer.TimeoutError) or self.reactor.seconds() >= deadline:
+                raise ClientError(f"no answer from the server within {timeout:g} s") from None
             raise ClientError(_describe_tls_failure(Failure(e)))
         return response, data
 
     async def get(self, operation, extra=""):
         response, data = await self.request(b"GET", f"{self.url}?operation={operation}{extra}")
         if response.code != 200:
-            raise ClientError(f"{operation}: HTTP {response.code}: {data[:200].decode('utf-8', 'replace').strip()}")
+            text = printable(data.decode("utf-8", "replace").strip(), 200)
+            raise ClientError(f"{operation}: HTTP {response.code}: {text}")
         return response, data
 
     async def post_authenticated(self, url, content_type: bytes, body: bytes, password=None):
@@ -157,7 +211,7 @@ class ScepSession:
                 return response, data, password
             token = (response.headers.getRawHeaders(CHALLENGE_HEADER) or [b""])[0]
             if token:
-                prompt = data.decode("utf-8", "replace").strip() or "Response"
+                prompt = printable(data.decode("utf-8", "replace").strip(), 200) or "Response"
                 sent = self.next_password(prompt)
             elif sent is None:
                 password = sent = self.next_password(None)
@@ -174,8 +228,7 @@ class ScepSession:
                                                           b"application/x-pki-message", message)
         if response.code == 200:
             return data
-        text = data[:300].decode("utf-8", "replace").strip()
-        raise ClientError(f"PKIOperation: HTTP {response.code}: {text}")
+        raise ClientError(f"PKIOperation: HTTP {response.code}: {printable(data.decode('utf-8', 'replace').strip())}")
 
 
 def _load_ca_certs(content_type: bytes, body: bytes):
@@ -360,12 +413,23 @@ def write_swanctl(out, gateway, cert):
 
 
 def _write(path, data, mode):
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    """Write a new file in place of ``path`` (a symbolic link there is replaced, not followed; whoever held the
+    old file open does not see the new data), whole and synced, or not at all."""
+    directory, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")  # 0600 from the start
     try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-    finally:
-        os.close(fd)
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def password_reader(use_stdin: bool):
@@ -402,6 +466,8 @@ def main(argv=None):
     trust.add_argument("--cafile", help="PEM file of the CA to trust")
     trust.add_argument("--ca-fingerprint", help="sha256:HEX of the CA certificate to trust")
     e.add_argument("--out", required=True, help="directory for key.pem, cert.pem, ca.pem")
+    e.add_argument("--timeout", type=float, default=REQUEST_TIMEOUT,
+                   help=f"seconds to wait for each answer of the server (default {REQUEST_TIMEOUT})")
     e.add_argument("--key-type", default="rsa2048", choices=["rsa2048", "rsa3072", "ec-p256", "ec-p384", "ed25519"])
     e.add_argument("--p12", action="store_true",
                    help="also write DIR/getcert.p12; its password is the next line of standard input (or asked)")
@@ -415,8 +481,10 @@ def main(argv=None):
             await enroll(reactor, args, password_reader(args.password_stdin))
         except ClientError as err:
             result["error"] = str(err)
-        except GetcertdError as err:
-            result["error"] = f"the server's answer can't be used: {err}"
+        except (GetcertdError, ValueError, UnsupportedAlgorithm) as err:  # what a hostile answer raises
+            result["error"] = f"the server's answer can't be used: {str(err).splitlines()[0] if str(err) else err!r}"
+        except OSError as err:  # writing the results
+            result["error"] = f"{err.filename or ''}: {err.strerror or err}"
     try:
         task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
     except SystemExit as exit_:
@@ -424,7 +492,7 @@ def main(argv=None):
             print("getcert: failed unexpectedly", file=sys.stderr)
             return 1
     if "error" in result:
-        print(f"getcert: {result['error']}", file=sys.stderr)
+        print(f"getcert: {printable(result['error'], 1000)}", file=sys.stderr)
         return 1
     return 0
 

@@ -12,7 +12,7 @@ from twisted.internet import task
 
 from getcertd import est, scep
 from getcertd.ca import generate_key
-from getcertd.client import ClientError, _csr, _spki
+from getcertd.client import ClientError, _csr, _spki, printable
 from getcertd.errors import GetcertdError
 
 MAX_WAITS = 3
@@ -29,7 +29,7 @@ def est_base(url: str) -> str:
 
 
 def _text(data: bytes) -> str:
-    return data[:300].decode("utf-8", "replace").strip()
+    return printable(data[:300].decode("utf-8", "replace").strip())
 
 
 def _retry_after(response) -> int:
