@@ -24,6 +24,10 @@ class ProfileConfig:
     eku: Tuple[str, ...]
 
 
+EKU_NAMES = ("ipsecIKE", "clientAuth", "serverAuth", "emailProtection")  # getcertd.ca.EKU_BY_NAME
+_OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
+
+
 def crl_margin(interval: int) -> int:
     """How much longer than the interval a CRL's lifetime must be: a tick may run late and a big CRL takes a
     moment to build, and the next regular CRL must come before this one's nextUpdate (RFC 5280 5.1.2.5)."""
@@ -296,6 +300,11 @@ def _build(v, raw_profiles, source, read_file) -> Config:
     for p in profiles.values():
         if p.lifetime < 60:
             raise ConfigError(f"[profile {p.name}] lifetime: at least 1m")
+        for eku in p.eku:  # found here, not by every enrollment on the profile failing
+            if eku not in EKU_NAMES and not _OID.fullmatch(eku):
+                section = "policy" if p.name == "default" else f"profile {p.name}"
+                raise ConfigError(f"[{section}] eku: {eku!r} is neither one of {', '.join(EKU_NAMES)} nor a dotted "
+                                  "OID")
     profile_map = {}
     for item in pol["profile_map"].replace(",", " ").split():
         hint, sep, name = item.partition("=")

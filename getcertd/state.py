@@ -131,6 +131,11 @@ def load_or_create_ca(config, now: datetime.datetime, log) -> CertificateAuthori
         if os.path.exists(key_path):
             key = load_key(key_path, "CA key", passphrase)
             cert = load_cert(cert_path, "CA certificate")
+        elif os.path.exists(cert_path):
+            # A key lost (a backup that skipped the 0600 file, say) must not quietly become a new CA that no
+            # gateway trusts.
+            raise ConfigError(f"the CA key {key_path} is missing, but its certificate {cert_path} is there: restore "
+                              "the key, or remove the certificate to make a new CA")
         else:
             key = generate_key(config.ca_key_type)
             cert = make_ca_certificate(key, config.ca_subject, now, datetime.timedelta(seconds=config.ca_lifetime))

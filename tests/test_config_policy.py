@@ -41,6 +41,8 @@ def test_durations(text, expected):
     ("[radius]\nsecret = x\n", "[radius] servers"),
     ("[radius]\nservers = 127.0.0.1:1812\nsecret = x\nnas_identifier =\n", "[radius] nas_identifier"),
     ("[policy]\nprofile_map = gold=nosuch\n", "profile_map"),
+    ("[policy]\neku = ipsecIKE clientauth\n", "[policy] eku: 'clientauth'"),
+    ("[profile x]\neku = 1.3.6.1.5.5.7.3.\n", "[profile x] eku"),
 ])
 def test_config_errors_name_the_key(extra, needle):
     base = BASE.replace("users = /tmp/users", "backend = radius") if extra.startswith("[radius]") else BASE
@@ -175,3 +177,11 @@ def test_throttle_backs_off_exponentially_then_locks_out():
     t.failure(k, 0)
     t.success(k)
     assert t.wait(k, 0) == 0
+
+
+def test_eku_names_agree_with_the_ca():
+    from getcertd.ca import EKU_BY_NAME
+    from getcertd.config import EKU_NAMES
+    assert set(EKU_NAMES) == set(EKU_BY_NAME)
+    assert parse_config(BASE + "[policy]\neku = ipsecIKE 1.3.6.1.5.5.8.2.2\n").profiles["default"].eku == (
+        "ipsecIKE", "1.3.6.1.5.5.8.2.2")

@@ -408,3 +408,14 @@ def test_certificates_about_to_expire_are_named():
                                    "CA certificate": lasting(400)}, now)
     assert lines == ["the TLS certificate expires on 2026-12-08 00:00 UTC, in 10 days",
                      "the RA certificate expired on 2026-11-27 12:00 UTC"]
+
+
+def test_a_lost_ca_key_is_not_replaced_by_a_new_ca(tmp_path):
+    from twisted.logger import Logger
+    config = conf(f"[getcertd]\nstate_dir = {tmp_path}\n")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    first = state.load_or_create_ca(config, now, Logger())
+    os.rename(tmp_path / "ca.key", tmp_path / "ca.key.elsewhere")
+    with pytest.raises(ConfigError, match="the CA key .* is missing, but its certificate .* is there"):
+        state.load_or_create_ca(config, now, Logger())
+    assert x509.load_pem_x509_certificate((tmp_path / "ca.pem").read_bytes()) == first.certificate
