@@ -36,6 +36,24 @@ def _template_vars(user: str, profile: str) -> dict:
     return {"user": user, "local": local, "domain": domain, "profile": profile}
 
 
+# Attributes whose ASN.1 string type (as cryptography writes them) can't hold any character: an IA5String is
+# 7-bit, a PrintableString a small set. A value outside it would be written wrongly or fail at signing.
+_IA5_ATTRIBUTES = {NameOID.EMAIL_ADDRESS: "emailAddress", NameOID.DOMAIN_COMPONENT: "DC"}
+_PRINTABLE_ATTRIBUTES = {NameOID.COUNTRY_NAME: "C", NameOID.SERIAL_NUMBER: "serialNumber",
+                         NameOID.DN_QUALIFIER: "dnQualifier"}
+_PRINTABLE_STRING = re.compile(r"[A-Za-z0-9 '()+,\-./:=?]*")
+
+
+def _subject_value(oid, value: str) -> str:
+    if oid in _IA5_ATTRIBUTES and not value.isascii() \
+            or oid in _PRINTABLE_ATTRIBUTES and not _PRINTABLE_STRING.fullmatch(value):
+        name, kind = (_IA5_ATTRIBUTES[oid], "ASCII") if oid in _IA5_ATTRIBUTES else \
+            (_PRINTABLE_ATTRIBUTES[oid], "letters, digits, spaces and '()+,-./:=?")
+        raise ScepFailure(FailInfo.badRequest, f"the user name does not fit the certificate subject: {name} takes "
+                                               f"{kind} only")
+    return value
+
+
 def _fill(template: str, values: dict) -> str:
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
@@ -176,8 +194,9 @@ class Policy:
                                                    "per user per hour); try later")
         values = _template_vars(identity.user, prof.name)
         try:
-            subject = x509.Name([x509.RelativeDistinguishedName([x509.NameAttribute(oid, _fill(v, values))])
-                                 for oid, v in reversed(_parse_subject_template(prof.subject))])
+            subject = x509.Name([x509.RelativeDistinguishedName([
+                x509.NameAttribute(oid, _subject_value(oid, _fill(v, values)))])
+                for oid, v in reversed(_parse_subject_template(prof.subject))])
         except ValueError as e:  # e.g. a CN longer than 64 characters
             raise ScepFailure(FailInfo.badRequest, f"the user name does not fit the certificate subject: {e}") from None
         san = []
@@ -188,7 +207,7 @@ class Policy:
             elif kind == "dns":
                 san.append(x509.DNSName(_check_dns(v)))
             else:
-                if any(c in v for c in " \"<>\\^`{|}"):
+                if not v.isascii() or any(c in v for c in " \"<>\\^`{|}"):
                     raise ScepFailure(FailInfo.badRequest, "the user name does not make a valid URI subjectAltName")
                 san.append(x509.UniformResourceIdentifier(v))
         lifetime = prof.lifetime

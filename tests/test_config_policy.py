@@ -185,3 +185,20 @@ def test_eku_names_agree_with_the_ca():
     assert set(EKU_NAMES) == set(EKU_BY_NAME)
     assert parse_config(BASE + "[policy]\neku = ipsecIKE 1.3.6.1.5.5.8.2.2\n").profiles["default"].eku == (
         "ipsecIKE", "1.3.6.1.5.5.8.2.2")
+
+
+@pytest.mark.parametrize("subject,san,user,refused", [
+    ("CN={user}, EMAIL={user}", "", "j\u00fcrgen@example.com", "emailAddress takes ASCII only"),
+    ("CN={user}, DC={user}", "", "j\u00fcrgen", "DC takes ASCII only"),
+    ("CN=x, SERIALNUMBER={user}", "", "john_doe", "serialNumber takes letters"),
+    ("CN={user}", "uri:https://vpn.example.com/users/{user}", "j\u00fcrgen", "valid URI subjectAltName"),
+])
+def test_a_name_its_attribute_type_cant_hold_is_refused_not_mangled(subject, san, user, refused):
+    """An IA5String holds ASCII only and a PrintableString a small set: such a value was written as UTF-8 bytes
+    into an IA5String, failed at signing (503 'try again'), or raised out of the policy (500)."""
+    cfg = parse_config(BASE + f"[policy]\nsubject = {subject}\nsan = {san}\n")
+    with pytest.raises(ScepFailure, match=refused) as e:
+        Policy(profiles=cfg.profiles, skew=cfg.skew).decide(Identity(user, "local"), RSA, NOW, CA_END)
+    assert e.value.fail_info == FailInfo.badRequest
+    ok = Policy(profiles=cfg.profiles, skew=cfg.skew).decide(Identity("JD-42", "local"), RSA, NOW, CA_END)
+    assert ok.subject and ok.key_type == "rsa2048"
