@@ -12,7 +12,6 @@ import os
 import socket
 import select
 import sys
-import tempfile
 import time
 from io import BytesIO
 from urllib.parse import urlsplit
@@ -34,6 +33,7 @@ from zope.interface import implementer
 from getcertd import scep
 from getcertd.ca import generate_key
 from getcertd.errors import FailInfo, GetcertdError
+from getcertd.state import write_file
 
 CHALLENGE_HEADER = b"Getcertd-Challenge"
 MAX_ROUNDS = 6
@@ -350,13 +350,13 @@ async def _enroll_scep(session, anchors, args):
 def _save(args, cert, key, ca, password_source):
     """Write key.pem, cert.pem, ca.pem (and getcert.p12, swanctl.conf when asked) whatever the protocol."""
     os.makedirs(args.out, exist_ok=True)
-    _write(os.path.join(args.out, "key.pem"), key.private_bytes(
+    write_file(os.path.join(args.out, "key.pem"), key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), 0o600)
-    _write(os.path.join(args.out, "cert.pem"), _pem(cert), 0o644)
-    _write(os.path.join(args.out, "ca.pem"), _pem(ca), 0o644)
+    write_file(os.path.join(args.out, "cert.pem"), _pem(cert), 0o644)
+    write_file(os.path.join(args.out, "ca.pem"), _pem(ca), 0o644)
     if args.p12:
         p12_password = password_source("Password for getcert.p12", secret_kind="p12")
-        _write(os.path.join(args.out, "getcert.p12"), pkcs12.serialize_key_and_certificates(
+        write_file(os.path.join(args.out, "getcert.p12"), pkcs12.serialize_key_and_certificates(
             b"getcert", key, cert, [ca], serialization.BestAvailableEncryption(p12_password.encode("utf-8"))
             if p12_password else serialization.NoEncryption()), 0o600)
     if args.swanctl:
@@ -407,29 +407,9 @@ def write_swanctl(out, gateway, cert):
     for sub in ("", "private", "x509", "x509ca"):
         os.makedirs(os.path.join(base, sub), mode=0o700, exist_ok=True)
     with open(os.path.join(out, "key.pem"), "rb") as f:
-        _write(os.path.join(base, "private", "getcert.pem"), f.read(), 0o600)
-    _write(os.path.join(base, "swanctl.conf"), SWANCTL_CONF.format(
+        write_file(os.path.join(base, "private", "getcert.pem"), f.read(), 0o600)
+    write_file(os.path.join(base, "swanctl.conf"), SWANCTL_CONF.format(
         out=out, gateway=gateway, local_id=strongswan_id(cert.subject).replace('"', '\\"')).encode(), 0o644)
-
-
-def _write(path, data, mode):
-    """Write a new file in place of ``path`` (a symbolic link there is replaced, not followed; whoever held the
-    old file open does not see the new data), whole and synced, or not at all."""
-    directory, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")  # 0600 from the start
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def password_reader(use_stdin: bool):

@@ -6,6 +6,7 @@ import datetime
 import fcntl
 import os
 import stat
+import tempfile
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -34,27 +35,18 @@ def ensure_state_dir(path: str) -> None:
         os.chmod(path, 0o700)
 
 
-def write_private(path: str, data: bytes) -> None:
-    """Write a file readable by its owner only, atomically."""
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def write_file(path: str, data: bytes, mode: int) -> None:
+    """Write a new file in place of ``path``, whole and synced, or not at all: a temporary file in the same
+    directory (0600 from its creation), then renamed over ``path`` (a symbolic link there is replaced, not
+    followed; whoever held the old file open does not see the new data)."""
+    directory, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
     try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
-def write_public(path: str, data: bytes) -> None:
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -62,6 +54,15 @@ def write_public(path: str, data: bytes) -> None:
         except OSError:
             pass
         raise
+
+
+def write_private(path: str, data: bytes) -> None:
+    """Write a file readable by its owner only, atomically."""
+    write_file(path, data, 0o600)
+
+
+def write_public(path: str, data: bytes) -> None:
+    write_file(path, data, 0o644)
 
 
 def load_key(path: str, what: str, passphrase=None, check_mode=True):
