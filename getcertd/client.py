@@ -17,12 +17,12 @@ from io import BytesIO
 from urllib.parse import urlsplit
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
-from cryptography.exceptions import UnsupportedAlgorithm
 from twisted.internet import defer, protocol, ssl, task, threads
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, PotentialDataLoss, ResponseDone
@@ -79,7 +79,6 @@ def _read_body(response) -> defer.Deferred:
     body.finished = defer.Deferred(cancel)
     response.deliverBody(body)
     return body.finished
-
 
 
 class ClientError(Exception):

@@ -1,12 +1,11 @@
 """getcertd-users: manage the local accounts file (salted scrypt hashes)."""
 import argparse
 import getpass
-import os
 import sys
-import tempfile
 
 from getcertd.local import format_users, hash_password, parse_users
 from getcertd.policy import MAX_USER_LENGTH
+from getcertd.state import write_file
 
 
 def _read(path):
@@ -18,18 +17,7 @@ def _read(path):
 
 
 def _write(path, users):
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".users-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            os.fchmod(f.fileno(), 0o600)
-            f.write(format_users(users))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_file(path, format_users(users).encode("utf-8"), 0o600)
 
 
 def _password():

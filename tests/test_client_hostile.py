@@ -53,8 +53,6 @@ class _Fake:
     """An HTTPS server whose every answer is ``answer(handler)``."""
 
     def __init__(self, tls_files, answer):
-        outer = self
-
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 answer(self)
@@ -67,7 +65,7 @@ class _Fake:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(tls_files / "server.pem", tls_files / "server.key")
         self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
-        self.port = outer.httpd.server_address[1]
+        self.port = self.httpd.server_address[1]
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def close(self):
