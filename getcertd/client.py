@@ -365,8 +365,9 @@ def _save(args, cert, key, ca, password_source):
 
 
 def strongswan_id(name: x509.Name) -> str:
-    """A DN as strongSwan writes and matches it: DER order, ', ' between RDNs."""
-    return ", ".join(rdn.rfc4514_string() for rdn in name.rdns)
+    """The DN as a strongSwan identity that is exactly the certificate's subject. strongSwan's text form of a DN
+    has no escapes (charon reads `CN=Doe\\, John` as another name, or none), so the DER itself, in hex."""
+    return "asn1dn:#" + name.public_bytes().hex()
 
 
 SWANCTL_CONF = """# strongSwan swanctl.conf written by getcert for the certificate in {out}.
@@ -380,6 +381,7 @@ connections {{
         local {{
             auth = pubkey
             certs = {out}/cert.pem
+            # the certificate's subject, as DER (quoted: # starts a comment)
             id = "{local_id}"
         }}
         remote {{
@@ -408,7 +410,7 @@ def write_swanctl(out, gateway, cert):
     with open(os.path.join(out, "key.pem"), "rb") as f:
         write_file(os.path.join(base, "private", "getcert.pem"), f.read(), 0o600)
     write_file(os.path.join(base, "swanctl.conf"), SWANCTL_CONF.format(
-        out=out, gateway=gateway, local_id=strongswan_id(cert.subject).replace('"', '\\"')).encode(), 0o644)
+        out=out, gateway=gateway, local_id=strongswan_id(cert.subject)).encode(), 0o644)
 
 
 def password_reader(use_stdin: bool):

@@ -15,7 +15,7 @@ from itertools import count
 
 import pytest
 from cryptography import x509
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import ike
 
@@ -189,14 +189,20 @@ def test_certificate_from_another_ca_is_refused(ike_peers, enrolled):
     _assert_refused(ike_peers, "otherca", 'no issuer certificate found for "O=getcertd, OU=remote-access, CN=alice"')
 
 
-def test_getcert_swanctl_snippet_and_p12(ike_peers, appliance_factory, tmp_path):
-    """`getcert enroll --swanctl GATEWAY --p12` output, used as written by a road-warrior client."""
-    app = appliance_factory(users={"alice": "alice pass"})
+@pytest.mark.parametrize("user", ["alice", 'Doe, John "JD" +1\\x'])
+def test_getcert_swanctl_snippet_and_p12(ike_peers, appliance_factory, tmp_path, user):
+    """`getcert enroll --swanctl GATEWAY --p12` output, used as written by a road-warrior client; a user name
+    with the characters a DN string escapes (`,` `"` `+` `\\`) must reach the gateway as the certificate's
+    own name, not as a different DN read from text."""
+    app = appliance_factory(users={user: "alice pass"})
     out = tmp_path / "rw"
-    p = app.getcert("alice", ["alice pass", "p12 secret"], out, "--swanctl", GW_OUTER, "--p12")
+    p = app.getcert(user, ["alice pass", "p12 secret"], out, "--swanctl", GW_OUTER, "--p12")
     assert p.returncode == 0, p.stderr
-    v = ike._run(["openssl", "pkcs12", "-in", str(out / "getcert.p12"), "-passin", "pass:p12 secret", "-nokeys"])
-    assert "CN = alice" in v.stdout or "CN=alice" in v.stdout
+    v = ike._run(["openssl", "pkcs12", "-in", str(out / "getcert.p12"), "-passin", "pass:p12 secret", "-nokeys",
+                  "-clcerts"])
+    issued = x509.load_pem_x509_certificate(v.stdout[v.stdout.index("-----BEGIN"):].encode())
+    assert issued == ike.load_cert(str(out / "cert.pem"))
+    assert issued.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == user
     ca_key, ca_cert = ike.load_key(os.path.join(app.state_dir, "ca.key")), ike.load_cert(app.ca_pem)
     gw_key, gw_cert = gateway_certificate(ca_key, ca_cert)
     gw, client = ike_peers.gw, ike_peers.client
@@ -217,4 +223,4 @@ def test_getcert_swanctl_snippet_and_p12(ike_peers, appliance_factory, tmp_path)
                   check=False, env=env, timeout=20)
     assert up.returncode == 0, (up.stdout + up.stderr)[-3000:] + gw.log()[-3000:]
     sas = gw.list_sas()
-    assert "ESTABLISHED" in sas and "CN=alice" in sas and "10.98.3." in sas
+    assert "ESTABLISHED" in sas and f"CN={user}" in sas and "10.98.3." in sas, sas
