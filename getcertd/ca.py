@@ -6,7 +6,7 @@ import datetime
 import ipaddress
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -75,6 +75,45 @@ def _base_builder(subject, issuer, public_key, serial, not_before, not_after):
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False))
 
 
+def authority_key_identifier(ca_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    """The AKI of what ``ca_cert`` signs: its SKI, or (an imported CA without one) the RFC 5280 SHA-1 of its key."""
+    try:
+        ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key())
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
+def ca_certificate_problems(cert: x509.Certificate) -> Tuple[Optional[str], List[str]]:
+    """(why ``cert`` can't issue certificates that RFC 5280 validators such as OpenSSL and strongSwan accept, or
+    None; what some validators will refuse in what it signs)."""
+    try:
+        exts = cert.extensions
+        constraints = exts.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return "it has no basicConstraints CA:TRUE (RFC 5280 4.2.1.9)", []
+    except ValueError as e:
+        return f"its extensions can't be read ({e})", []
+    if not constraints.ca:
+        return "it is not a CA certificate (basicConstraints CA:FALSE)", []
+    warnings = []
+    try:
+        exts.get_extension_for_class(x509.SubjectKeyIdentifier)
+    except x509.ExtensionNotFound:
+        warnings.append("it has no subjectKeyIdentifier: strict validators (openssl verify -x509_strict) will "
+                        "refuse the certificates it signs")
+    try:
+        usage = exts.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return None, warnings
+    if not usage.key_cert_sign:
+        return "its keyUsage lacks keyCertSign", []
+    if not usage.crl_sign:
+        warnings.append("its keyUsage lacks cRLSign: validators that check it (strongSwan, OpenSSL) will refuse "
+                        "the CRLs it signs")
+    return None, warnings
+
+
 def make_ca_certificate(key, subject: str, now: datetime.datetime, lifetime: datetime.timedelta,
                         random=os.urandom) -> x509.Certificate:
     """A self-signed CA certificate."""
@@ -97,9 +136,7 @@ class CertificateAuthority:
 
     def _builder(self, subject: x509.Name, public_key, not_before, not_after, serial):
         return (_base_builder(subject, self.certificate.subject, public_key, serial, not_before, not_after)
-                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
-                    self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value),
-                    critical=False))
+                .add_extension(authority_key_identifier(self.certificate), critical=False))
 
     def not_after(self) -> datetime.datetime:
         return self.certificate.not_valid_after_utc

@@ -19,6 +19,7 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from getcertd.ca import authority_key_identifier
 from getcertd.config import crl_margin
 from getcertd.errors import ConfigError
 from getcertd.issuance import CRL_REASONS
@@ -135,14 +136,6 @@ def _sign(key, data: bytes, algorithm) -> bytes:
     return key.sign(data)  # EdDSA
 
 
-def _authority_key_identifier(ca_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
-    try:
-        ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    except x509.ExtensionNotFound:
-        return x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key())
-    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
-
-
 _DEFAULT = object()
 
 
@@ -161,7 +154,7 @@ def build_crl(ca_key, ca_cert: x509.Certificate, revoked, crl_number: int, this_
              .issuer_name(ca_cert.subject)
              .last_update(this_update)
              .next_update(next_update)
-             .add_extension(_authority_key_identifier(ca_cert), critical=False)
+             .add_extension(authority_key_identifier(ca_cert), critical=False)
              .add_extension(x509.CRLNumber(crl_number), critical=False)
              .sign(ca_key, algorithm))
     entries = encode_revoked(revoked)

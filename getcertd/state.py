@@ -13,7 +13,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.application import service
 
-from getcertd.ca import (CertificateAuthority, cert_pem, fingerprint, generate_key, key_pem, make_ca_certificate)
+from getcertd.ca import (CertificateAuthority, ca_certificate_problems, cert_pem, fingerprint, generate_key, key_pem,
+                         make_ca_certificate)
 from getcertd.errors import ConfigError
 from getcertd.local import parse_users
 
@@ -126,6 +127,11 @@ def load_or_create_ca(config, now: datetime.datetime, log) -> CertificateAuthori
     if config.ca_certificate:
         key = load_key(config.ca_key, "[ca] key", passphrase)
         cert = load_cert(config.ca_certificate, "[ca] certificate")
+        refusal, warnings = ca_certificate_problems(cert)
+        if refusal:
+            raise ConfigError(f"[ca] certificate {config.ca_certificate}: {refusal}")
+        for warning in warnings:
+            log.warn("[ca] certificate {path}: {warning}", path=config.ca_certificate, warning=warning)
     else:
         key_path = os.path.join(config.state_dir, "ca.key")
         cert_path = os.path.join(config.state_dir, "ca.pem")

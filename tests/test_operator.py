@@ -419,3 +419,72 @@ def test_landing_page_in_headless_chromium(appliance_factory, tmp_path):
     next_update = re.search(r'<time id="crl-next-update">([^<]+)</time>', dom).group(1)
     assert next_update == crl_of(app).next_update_utc.strftime("%Y-%m-%d %H:%M:%S UTC")
     assert "<script" not in dom
+
+
+# -- an imported CA ([ca] certificate and key) -------------------------------------------------------------
+
+def _imported_ca(tmp_path, name, *, ca=True, constraints=True, ski=True, cert_sign=True, crl_sign=True):
+    """A CA made elsewhere, written as [ca] certificate and key files; the keyword arguments take parts out."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name.from_rfc4514_string(f"CN=Imported {name} CA,O=Example")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    b = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+         .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+         .not_valid_after(now + datetime.timedelta(days=30)))
+    if constraints:
+        b = b.add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    if ski:
+        b = b.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    b = b.add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                      data_encipherment=False, key_agreement=False, key_cert_sign=cert_sign,
+                                      crl_sign=crl_sign, encipher_only=False, decipher_only=False), critical=True)
+    cert_path, key_path = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+    cert_path.write_bytes(b.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption()))
+    os.close(fd)
+    return {"ca": {"certificate": str(cert_path), "key": str(key_path)}}
+
+
+def test_an_imported_ca_without_subject_key_identifier_issues_what_openssl_accepts(appliance_factory, tmp_path):
+    """A CA made by another tool may lack the SKI that issued certificates' AKI usually copies: RFC 5280's SHA-1
+    of its key then; the certificate and the CRL verify (not in OpenSSL's strict mode, which wants the CA's SKI:
+    a warning at start says so)."""
+    sections = _imported_ca(tmp_path, "noski", ski=False)
+    ca_pem = sections["ca"]["certificate"]
+    app = appliance_factory(users={"alice": "alice pass"}, sections=sections)
+    ca = x509.load_pem_x509_certificate(open(ca_pem, "rb").read())
+    p = app.getcert("alice", ["alice pass"], tmp_path / "out", cafile=ca_pem)
+    assert p.returncode == 0, p.stderr
+    cert = x509.load_pem_x509_certificate((tmp_path / "out" / "cert.pem").read_bytes())
+    aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    assert aki.key_identifier == x509.SubjectKeyIdentifier.from_public_key(ca.public_key()).digest
+    (tmp_path / "crl.der").write_bytes(http(f"https://localhost:{app.port}/crl", cafile=ca_pem)[2])
+    openssl("crl", "-inform", "DER", "-in", str(tmp_path / "crl.der"), "-out", str(tmp_path / "crl.pem"))
+    v = openssl("verify", "-crl_check", "-CAfile", ca_pem, "-CRLfile", str(tmp_path / "crl.pem"),
+                str(tmp_path / "out" / "cert.pem"))
+    assert v.returncode == 0, v.stdout + v.stderr
+    assert "it has no subjectKeyIdentifier: strict validators" in app.log()
+    assert "Traceback" not in app.log()
+
+
+@pytest.mark.parametrize("what, parts", [
+    ("it is not a CA certificate (basicConstraints CA:FALSE)", {"ca": False}),
+    ("it has no basicConstraints CA:TRUE", {"constraints": False}),
+    ("its keyUsage lacks keyCertSign", {"cert_sign": False}),
+])
+def test_an_imported_certificate_that_cannot_be_a_ca_is_refused_at_start(appliance_factory, tmp_path, what, parts):
+    with pytest.raises(RuntimeError) as caught:
+        appliance_factory(sections=_imported_ca(tmp_path, "bad", **parts))
+    assert f"[ca] certificate {tmp_path / 'bad.pem'}: {what}" in str(caught.value)
+    assert "Traceback" not in str(caught.value)
+
+
+def test_an_imported_ca_that_cannot_sign_crls_is_named_at_start(appliance_factory, tmp_path):
+    sections = _imported_ca(tmp_path, "nocrl", crl_sign=False)
+    app = appliance_factory(users={"alice": "alice pass"}, sections=sections)
+    assert "its keyUsage lacks cRLSign: validators that check it (strongSwan, OpenSSL) will refuse" in app.log()
+    p = app.getcert("alice", ["alice pass"], tmp_path / "out", cafile=sections["ca"]["certificate"])
+    assert p.returncode == 0, p.stderr
