@@ -18,7 +18,6 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from getcertd import state
-from getcertd.config import parse_config
 from getcertd.crl import CrlPublisher
 from getcertd.errors import ConfigError, StorageUnavailable
 from getcertd.issuance import CRL_REASONS, IssuanceLog, check_reason
@@ -79,26 +78,11 @@ def _result(d):
     return out[0]
 
 
-def _read_file(path):
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise ConfigError(f"can't read {path}: {e.strerror}") from None
-
-
 class _Context:
     def __init__(self, args):
         self.config = None
         if args.config:
-            try:
-                with open(args.config, encoding="utf-8") as f:
-                    text = f.read()
-            except OSError as e:
-                raise ConfigError(f"can't read {args.config}: {e.strerror}") from None
-            except UnicodeDecodeError:
-                raise ConfigError(f"{args.config}: not UTF-8 text") from None
-            self.config = parse_config(text, source=args.config, read_file=_read_file)
+            self.config = state.load_config(args.config)
         elif not args.state_dir:
             raise ConfigError("--state-dir: empty")
         self.state_dir = args.state_dir or self.config.state_dir

@@ -15,6 +15,7 @@ from twisted.application import service
 
 from getcertd.ca import (CertificateAuthority, ca_certificate_problems, cert_pem, fingerprint, generate_key, key_pem,
                          make_ca_certificate)
+from getcertd.config import parse_config
 from getcertd.errors import ConfigError
 from getcertd.local import parse_users
 
@@ -27,6 +28,26 @@ CA_LONG = datetime.timedelta(days=365 * 100)  # "until the CA's notAfter" (issue
 TLS_LIFETIME = datetime.timedelta(days=90)
 RENEW_BEFORE = datetime.timedelta(days=14)
 EXPIRY_WARNING = datetime.timedelta(days=30)  # a certificate the appliance serves warns this long before
+
+
+def load_config(path: str):
+    """The INI configuration at ``path`` and the [radius] secret_file it names; ConfigError (one line) if either
+    can't be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"can't read the configuration {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"the configuration {path} is not UTF-8 text") from None
+
+    def read_secret(secret_path):
+        try:
+            with open(secret_path, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise ConfigError(f"[radius] secret_file {secret_path}: {e.strerror}") from None
+    return parse_config(text, source=path, read_file=read_secret)
 
 
 def ensure_state_dir(path: str) -> None:

@@ -21,7 +21,6 @@ from twisted.python import usage
 from getcertd import scep
 from getcertd.auth import ChallengeStore
 from getcertd.ca import fingerprint
-from getcertd.config import parse_config
 from getcertd.crl import CrlPublisher
 from getcertd.enroll import EnrollmentService
 from getcertd.errors import ConfigError
@@ -42,19 +41,9 @@ class Options(usage.Options):
     optParameters = [["config", "c", "/etc/getcertd/getcertd.ini", "the INI configuration file"]]
 
     def postOptions(self):
-        path = self["config"]
         try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except OSError as e:
-            raise usage.UsageError(f"can't read the configuration {path}: {e.strerror}")
-
-        def read_file(p):
-            with open(p, "rb") as f:
-                return f.read()
-        try:
-            self.config = parse_config(text, source=path, read_file=read_file)
-        except (ConfigError, OSError) as e:
+            self.config = state.load_config(self["config"])
+        except ConfigError as e:
             raise usage.UsageError(str(e))
 
 

@@ -313,6 +313,25 @@ def test_start_up_problems_are_one_line_without_traceback(tmp_path):
     assert p.returncode != 0 and "unknown section [nosuch]" in out and "Traceback" not in out, out
 
 
+@pytest.mark.parametrize("content, expect", [
+    (b"[getcertd]\nstate_dir = /tmp/caf\xe9\n", "the configuration {conf} is not UTF-8 text"),
+    (b"[auth]\nbackend = radius\n[radius]\nservers = 127.0.0.1:1812\nsecret_file = {tmp}/gone\n",
+     "[radius] secret_file {tmp}/gone: No such file or directory"),
+    (None, "can't read the configuration {conf}: No such file or directory"),
+])
+def test_a_configuration_that_cannot_be_read_is_one_line_for_twistd_and_getcertd_admin(tmp_path, content, expect):
+    from appliance import tool
+    conf = tmp_path / "getcertd.ini"
+    if content is not None:
+        conf.write_bytes(content.replace(b"{tmp}", str(tmp_path).encode()))
+    expect = expect.format(conf=conf, tmp=tmp_path)
+    for args in ([tool("twistd"), "-n", "--pidfile", "", "getcertd", "--config", str(conf)],
+                 [tool("getcertd-admin"), "--config", str(conf), "list"]):
+        p = subprocess.run(args, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        out = p.stdout + p.stderr
+        assert p.returncode != 0 and expect in out and "Traceback" not in out, (args[0], out)
+
+
 @pytest.mark.parametrize("key_type,expect", [("ec-p384", "secp384r1"), ("ed25519", "ed25519")])
 def test_getcert_other_key_types(app, tmp_path, key_type, expect):
     p = app.getcert("alice", ["alice pass"], tmp_path / key_type, "--key-type", key_type)
