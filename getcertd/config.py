@@ -156,6 +156,13 @@ def _dur(section, key, value):
         raise ConfigError(f"[{section}] {key}: {e}") from None
 
 
+def _skew(value):
+    skew = _dur("policy", "skew", value)
+    if skew > 86400:  # it only backdates notBefore, but a certificate valid long before it was issued is no help
+        raise ConfigError("[policy] skew: at most 1d (it backdates notBefore for clients whose clocks are behind)")
+    return skew
+
+
 def _hostport(text):
     text = text.strip()
     if text.startswith("["):  # [::1]:1812
@@ -339,7 +346,7 @@ def _build(v, raw_profiles, source, read_file) -> Config:
         ca_key_type=ca["key_type"], ca_subject=ca["subject"],
         ca_lifetime=_dur("ca", "lifetime", ca["lifetime"]), ra=_bool("ca", "ra", ca["ra"]),
         auth_backend=auth["backend"], users_file=auth["users"], challenge_user=auth["challenge_user"],
-        radius=radius, skew=_dur("policy", "skew", pol["skew"]),
+        radius=radius, skew=_skew(pol["skew"]),
         max_valid_per_user=_int("policy", "max_valid_per_user", pol["max_valid_per_user"]),
         max_per_user_per_hour=_int("policy", "max_per_user_per_hour", pol["max_per_user_per_hour"]),
         default_profile=pol["default_profile"], profiles=profiles, profile_map=profile_map,

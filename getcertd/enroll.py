@@ -148,8 +148,9 @@ class EnrollmentService:
         renewal_of = None
         if msg.message_type == scep.MessageType.RenewalReq:
             renewal_of = self.check_held_certificate(msg.signer_cert)
+        profile = None
         if renewal_of is not None and self.renewal_without_auth and credentials is None:
-            identity = Identity(user=renewal_of.user, method="renewal")
+            identity, profile = self.renewal_identity(renewal_of, "renewal"), renewal_of.profile
         else:
             identity = await self._authenticate(credentials, csr, client, secure)
         if renewal_of is not None and identity.user != renewal_of.user:
@@ -168,8 +169,8 @@ class EnrollmentService:
         def cert_rep(der):
             return self._reply(msg, scep.PkiStatus.SUCCESS, scep.certs_only([der]), opened.cipher)
         try:
-            der, reply = await self._issue(identity, public_key, msg.transaction_id, client, then=cert_rep,
-                                           replaces=replaces)
+            der, reply = await self._issue(identity, public_key, msg.transaction_id, client, profile=profile,
+                                           then=cert_rep, replaces=replaces)
         except BaseException as e:
             for w in waiters:
                 w.errback(e)
@@ -218,6 +219,13 @@ class EnrollmentService:
         if record.revoked_at is not None:
             raise ScepFailure(FailInfo.badCertId, "the certificate being renewed was revoked")
         return record
+
+    @staticmethod
+    def renewal_identity(record: Record, method: str) -> Identity:
+        """Who renews, on the strength of holding the certificate of ``record`` alone ([scep]
+        renewal_without_auth): its user, capped at its lifetime (a Session-Timeout that capped it caps every
+        renewal); the caller keeps its profile."""
+        return Identity(user=record.user, method=method, session_timeout=max(60, record.not_after - record.issued_at))
 
     def _held_by(self, certificate: x509.Certificate, user: str) -> Optional[Record]:
         """The record of a good certificate of ours that ``user`` signed a PKCSReq with (a re-enrollment, as
@@ -339,7 +347,8 @@ class EnrollmentService:
         issued_last_hour = self.log.count_issued_since(user, seconds - 3600) + pending \
             if getattr(policy, "max_per_user_per_hour", 1) else 0
         decision = policy.decide(identity, public_key, now, self.ca.not_after(), valid_count=valid_count,
-                                 issued_last_hour=issued_last_hour, profile=profile)
+                                 issued_last_hour=issued_last_hour, profile=profile,
+                                 ca_not_before=self.ca.certificate.not_valid_before_utc)
         serial = self._new_serial()
         self._pending_users[user] = pending + 1
         self._pending_serials.add(serial)

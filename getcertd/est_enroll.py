@@ -15,7 +15,6 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from getcertd import est, scep
-from getcertd.auth import Identity
 from getcertd.enroll import Credentials
 from getcertd.errors import AuthenticationRequired, ScepFailure
 
@@ -93,5 +92,4 @@ class EstService:
         if not self.enrollment.renewal_without_auth:
             raise AuthenticationRequired("renewal with a client certificate alone is off here "
                                          "([scep] renewal_without_auth); authenticate with a password")
-        lifetime = max(60, record.not_after - record.issued_at)
-        return Identity(user=record.user, method=CLIENT_CERT_METHOD, session_timeout=lifetime), record
+        return self.enrollment.renewal_identity(record, CLIENT_CERT_METHOD), record

@@ -42,9 +42,20 @@ _IA5_ATTRIBUTES = {NameOID.EMAIL_ADDRESS: "emailAddress", NameOID.DOMAIN_COMPONE
 _PRINTABLE_ATTRIBUTES = {NameOID.COUNTRY_NAME: "C", NameOID.SERIAL_NUMBER: "serialNumber",
                          NameOID.DN_QUALIFIER: "dnQualifier"}
 _PRINTABLE_STRING = re.compile(r"[A-Za-z0-9 '()+,\-./:=?]*")
+# RFC 5280 appendix A upper bounds (characters) of the attributes that have one.
+_UPPER_BOUNDS = {NameOID.COMMON_NAME: ("CN", 64), NameOID.LOCALITY_NAME: ("L", 128),
+                 NameOID.STATE_OR_PROVINCE_NAME: ("ST", 128), NameOID.ORGANIZATION_NAME: ("O", 64),
+                 NameOID.ORGANIZATIONAL_UNIT_NAME: ("OU", 64), NameOID.TITLE: ("title", 64),
+                 NameOID.SERIAL_NUMBER: ("serialNumber", 64), NameOID.EMAIL_ADDRESS: ("emailAddress", 255),
+                 NameOID.PSEUDONYM: ("pseudonym", 128), NameOID.POSTAL_CODE: ("postalCode", 40)}
 
 
 def _subject_value(oid, value: str) -> str:
+    name, bound = _UPPER_BOUNDS.get(oid, (None, None))
+    if bound is not None and len(value) > bound:
+        raise ScepFailure(FailInfo.badRequest, f"the user name does not fit the certificate subject: {name} takes "
+                                               f"at most {bound} characters (RFC 5280), this one would have "
+                                               f"{len(value)}")
     if oid in _IA5_ATTRIBUTES and not value.isascii() \
             or oid in _PRINTABLE_ATTRIBUTES and not _PRINTABLE_STRING.fullmatch(value):
         name, kind = (_IA5_ATTRIBUTES[oid], "ASCII") if oid in _IA5_ATTRIBUTES else \
@@ -181,10 +192,18 @@ class Policy:
         return requested
 
     def decide(self, identity: Identity, public_key, now: datetime.datetime, ca_not_after: datetime.datetime,
-               valid_count: int = 0, issued_last_hour: int = 0, profile: Optional[str] = None) -> Decision:
-        """The certificate fields for this identity and key, or ScepFailure saying why not."""
+               valid_count: int = 0, issued_last_hour: int = 0, profile: Optional[str] = None,
+               ca_not_before: Optional[datetime.datetime] = None) -> Decision:
+        """The certificate fields for this identity and key, or ScepFailure saying why not. The validity nests
+        in the CA's (RFC 5280 6.1.3: a certificate valid before or after its issuer does not validate then)."""
+        if ca_not_before is not None and now < ca_not_before:
+            raise ScepFailure(FailInfo.badTime, f"the CA certificate is not valid before "
+                                                f"{ca_not_before:%Y-%m-%d %H:%M:%S} UTC; check this server's clock")
         check_user_name(identity.user)
         key_type = check_public_key(public_key)
+        if profile and profile not in self.profiles:  # a renewal of a profile since taken out of the configuration
+            raise ScepFailure(FailInfo.badRequest, f"the profile {profile!r} is no longer configured here; "
+                                                   "enroll with your credentials")
         prof = self.profiles[profile] if profile else self.profile_for(identity)
         if self.max_valid_per_user and valid_count >= self.max_valid_per_user:
             raise ScepFailure(FailInfo.badRequest, f"{valid_count} certificates of this user are still valid "
@@ -215,6 +234,8 @@ class Policy:
             lifetime = min(lifetime, identity.session_timeout)
         not_after = min(now + datetime.timedelta(seconds=lifetime), ca_not_after)
         not_before = now - datetime.timedelta(seconds=self.skew)
+        if ca_not_before is not None:
+            not_before = max(not_before, ca_not_before)
         if not_after <= now:
             raise ScepFailure(FailInfo.badTime, "the CA certificate has expired; no certificate can be issued")
         return Decision(prof.name, subject, tuple(san), not_before, not_after, prof.eku, key_type)

@@ -148,6 +148,9 @@ def _make(config, reactor, now):
                               "issue its RA or TLS certificate from it; configure a valid [ca] certificate")
         log.warn("the CA certificate expired on {when}: every enrollment is refused with badTime",
                  when=ca.not_after().isoformat())
+    if ca.certificate.not_valid_before_utc > now:
+        log.warn("the CA certificate is not valid before {when}: every enrollment is refused with badTime until "
+                 "then; check this server's clock", when=ca.certificate.not_valid_before_utc.isoformat())
     if config.ra:
         ra_key, ra_cert = state.load_or_create_ra(config, ca, now)
     else:

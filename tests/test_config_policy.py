@@ -43,6 +43,7 @@ def test_durations(text, expected):
     ("[policy]\nprofile_map = gold=nosuch\n", "profile_map"),
     ("[policy]\neku = ipsecIKE clientauth\n", "[policy] eku: 'clientauth'"),
     ("[profile x]\neku = 1.3.6.1.5.5.7.3.\n", "[profile x] eku"),
+    ("[policy]\nskew = 2d\n", "[policy] skew: at most 1d"),
 ])
 def test_config_errors_name_the_key(extra, needle):
     base = BASE.replace("users = /tmp/users", "backend = radius") if extra.startswith("[radius]") else BASE
@@ -202,3 +203,31 @@ def test_a_name_its_attribute_type_cant_hold_is_refused_not_mangled(subject, san
     assert e.value.fail_info == FailInfo.badRequest
     ok = Policy(profiles=cfg.profiles, skew=cfg.skew).decide(Identity("JD-42", "local"), RSA, NOW, CA_END)
     assert ok.subject and ok.key_type == "rsa2048"
+
+
+def test_a_renewal_of_a_profile_no_longer_configured_is_refused_not_a_500():
+    with pytest.raises(ScepFailure) as caught:
+        policy().decide(Identity("alice", "renewal"), RSA, NOW, CA_END, profile="gone")
+    assert caught.value.fail_info == FailInfo.badRequest and "'gone' is no longer configured" in caught.value.text
+
+
+def test_validity_nests_in_the_cas():
+    ca_start = NOW - datetime.timedelta(seconds=30)
+    d = policy().decide(Identity("alice", "local"), RSA, NOW, CA_END, ca_not_before=ca_start)
+    assert d.not_before == ca_start  # not the 2 minutes of skew before it
+    with pytest.raises(ScepFailure) as caught:
+        policy().decide(Identity("alice", "local"), RSA, NOW, CA_END, ca_not_before=NOW + datetime.timedelta(minutes=10))
+    assert caught.value.fail_info == FailInfo.badTime and "not valid before" in caught.value.text
+
+
+@pytest.mark.parametrize("template, name, bound", [("OU=vpn-users-{user}", "OU", 64), ("O={user} Corp", "O", 64),
+                                                   ("SERIALNUMBER=ID-{user}", "serialNumber", 64),
+                                                   ("L={user}{user}{user}", "L", 128)])
+def test_every_bounded_subject_attribute_is_held_to_its_upper_bound(template, name, bound):
+    p = Policy(profiles={"default": ProfileConfig("default", 3600, "CN=x, " + template, "", ())})
+    user = "u" * 63
+    with pytest.raises(ScepFailure) as caught:
+        p.decide(Identity(user, "local"), RSA, NOW, CA_END)
+    assert caught.value.fail_info == FailInfo.badRequest
+    assert f"{name} takes at most {bound} characters" in caught.value.text
+    p.decide(Identity("u" * 10, "local"), RSA, NOW, CA_END)  # fits

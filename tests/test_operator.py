@@ -423,14 +423,15 @@ def test_landing_page_in_headless_chromium(appliance_factory, tmp_path):
 
 # -- an imported CA ([ca] certificate and key) -------------------------------------------------------------
 
-def _imported_ca(tmp_path, name, *, ca=True, constraints=True, ski=True, cert_sign=True, crl_sign=True):
+def _imported_ca(tmp_path, name, *, ca=True, constraints=True, ski=True, cert_sign=True, crl_sign=True,
+                 starts=datetime.timedelta(minutes=-5)):
     """A CA made elsewhere, written as [ca] certificate and key files; the keyword arguments take parts out."""
     from cryptography.hazmat.primitives.asymmetric import ec
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name.from_rfc4514_string(f"CN=Imported {name} CA,O=Example")
     now = datetime.datetime.now(datetime.timezone.utc)
     b = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-         .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+         .serial_number(x509.random_serial_number()).not_valid_before(now + starts)
          .not_valid_after(now + datetime.timedelta(days=30)))
     if constraints:
         b = b.add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
@@ -488,3 +489,17 @@ def test_an_imported_ca_that_cannot_sign_crls_is_named_at_start(appliance_factor
     assert "its keyUsage lacks cRLSign: validators that check it (strongSwan, OpenSSL) will refuse" in app.log()
     p = app.getcert("alice", ["alice pass"], tmp_path / "out", cafile=sections["ca"]["certificate"])
     assert p.returncode == 0, p.stderr
+
+
+def test_an_imported_ca_not_valid_yet_is_named_at_start_and_refuses_with_bad_time(appliance_factory, tmp_path):
+    """A CA whose notBefore is ahead of this server's clock (a clock behind, or a CA made elsewhere a moment
+    ago): its certificates would not validate before then, so none are issued before then."""
+    sections = _imported_ca(tmp_path, "early", starts=datetime.timedelta(minutes=10))
+    app = appliance_factory(users={"alice": "alice pass"}, sections=sections, http=True)
+    assert "the CA certificate is not valid before" in app.log()
+    ca = x509.load_pem_x509_certificate(open(sections["ca"]["certificate"], "rb").read())
+    r = Requester(get_ca_certs(app.http_url, None))  # plain HTTP: the TLS certificate is no more valid than its CA
+    status, _, body = http(app.http_url + "?operation=PKIOperation", data=r.message(challenge="alice pass", cn="alice"))
+    rep, _ = r.open_reply(body)
+    assert rep.pki_status == scep.PkiStatus.FAILURE and rep.fail_info == scep.FailInfo.badTime, rep
+    assert f"not valid before {ca.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC" in rep.fail_info_text

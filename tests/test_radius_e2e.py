@@ -6,6 +6,7 @@ import time
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from freeradius import running_freeradius
 from scepclient import Requester, basic, get_ca_certs, http
@@ -81,14 +82,27 @@ def test_challenge_header_protocol(appliance_factory, radius_server):
     assert status == 200 and r.open_reply(body)[0].pki_status == scep.PkiStatus.SUCCESS
 
 
-def test_session_timeout_and_class_feed_policy(appliance_factory, radius_server, tmp_path):
-    app = radius_app(appliance_factory, radius_server)
+def test_session_timeout_and_class_feed_policy_and_bind_renewals(appliance_factory, radius_server, tmp_path):
+    app = radius_app(appliance_factory, radius_server, scep={"renewal_without_auth": "yes"})
     p = app.getcert("dave", ["dave-pass"], tmp_path / "d")
     assert p.returncode == 0, p.stderr
     cert = cert_of(tmp_path / "d")
     assert cert.subject.rfc4514_string() == "CN=dave,OU=short,O=getcertd"  # Class ikev2-short -> profile short
     life = cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc)
     assert datetime.timedelta(seconds=500) < life <= datetime.timedelta(seconds=600)  # Session-Timeout 600 < 30m
+    # A SCEP RenewalReq signed by that certificate, without credentials, and a renewal of the renewal: the same
+    # profile and at most the same lifetime, as EST's simplereenroll (not the default profile's 8 hours).
+    key = serialization.load_pem_private_key((tmp_path / "d" / "key.pem").read_bytes(), None)
+    certs = get_ca_certs(app.url, app.ca_pem)
+    for _ in range(2):
+        r = Requester(certs, key=key, signer=cert)
+        status, _, body = http(app.url + "?operation=PKIOperation", data=r.message(scep.MessageType.RenewalReq),
+                               cafile=app.ca_pem)
+        assert status == 200, body
+        rep, (cert,) = r.open_reply(body)
+        assert cert.subject.rfc4514_string() == "CN=dave,OU=short,O=getcertd"
+        life = cert.not_valid_after_utc - cert.not_valid_before_utc - datetime.timedelta(minutes=2)  # skew
+        assert datetime.timedelta(seconds=500) < life <= datetime.timedelta(seconds=600), life
 
 
 def test_challenge_password_over_plain_http(appliance_factory, radius_server):
