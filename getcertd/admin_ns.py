@@ -11,6 +11,7 @@ Objects::
     revoke     revoke(serial_or_user, reason="unspecified")
     crl        crl.info(), crl.publish(), crl.pem
     radius     RADIUS servers: state, in flight, counters (or a note with the local backend)
+    throttled  user names and addresses that must wait after failed logins; throttled.clear("alice")
     stats()    issued, refused by failInfo, auth results, RADIUS timeouts, uptime (= /metrics)
     config     the configuration in effect (secrets hidden)
     help       this text; help(obj) for one object
@@ -22,6 +23,7 @@ import textwrap
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from getcertd.auth import throttle_key
 from getcertd.config import parse_duration
 from getcertd.issuance import CRL_REASONS
 from getcertd.operations import NothingToRevoke, format_serial, parse_serial, revoke as _revoke
@@ -322,6 +324,31 @@ class RadiusView:
         return "\n".join(lines)
 
 
+class ThrottleView:
+    """User names and client addresses that must wait before their next login, after failed ones (HTTP 429),
+    with the seconds left. throttled.clear(name) forgets the failures of a user name (in any spelling) or of
+    an address: a user locked out by someone else's guesses can log in again at once."""
+
+    def __init__(self, users, addresses, clock, key):
+        self._users, self._addresses, self._clock, self._key = users, addresses, clock, key
+
+    def waiting(self) -> dict:
+        now = self._clock.seconds()
+        return {"users": self._users.waiting(now), "addresses": self._addresses.waiting(now)}
+
+    def clear(self, name: str) -> Text:
+        cleared = [what for what, done in (("user name", self._users.clear(self._key(name))),
+                                           ("address", self._addresses.clear(name))) if done]
+        return Text(f"{name!r}: failures of the {' and '.join(cleared)} forgotten" if cleared
+                    else f"{name!r}: no failed logins on record")
+
+    def __repr__(self):
+        waiting = self.waiting()
+        lines = [f"{kind[:-1]} {key!r} must wait {seconds:.0f} s"
+                 for kind in ("users", "addresses") for key, seconds in sorted(waiting[kind].items())]
+        return "\n".join(lines) or "no user name or address must wait"
+
+
 class StatsReport(dict):
     def __repr__(self):
         refused = ", ".join(f"{k} {v}" for k, v in sorted(self["refused"].items())) or "none"
@@ -419,9 +446,12 @@ def _stats_function(stats):
 OVERVIEW = textwrap.dedent(__doc__.split("Objects::", 1)[1]).strip("\n")
 
 
-def namespace(*, issuance_log, journal, crl, clock, stats, config, radius=None) -> dict:
-    """The manhole's globals. ``radius`` is the RadiusClientProtocol (None with the local backend)."""
-    return {
+def namespace(*, issuance_log, journal, crl, clock, stats, config, radius=None, enrollment=None) -> dict:
+    """The manhole's globals. ``radius`` is the RadiusClientProtocol (None with the local backend);
+    ``enrollment`` the EnrollmentService whose login throttles ``throttled`` shows."""
+    extra = {} if enrollment is None else {"throttled": ThrottleView(
+        enrollment.throttle, enrollment.address_throttle, clock, throttle_key)}
+    return {**extra,
         "log": LogView(issuance_log, journal, clock),
         "revoke": Revoker(journal, crl, clock),
         "crl": CrlView(crl),

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from getcertd import keyjobs, scep
 from getcertd.ca import random_serial
-from getcertd.auth import Accept, Challenge, ChallengeStore, Identity, Reject, Throttle
+from getcertd.auth import Accept, Challenge, ChallengeStore, Identity, Reject, Throttle, throttle_key
 from getcertd.errors import (AuthenticationRequired, AuthUnavailable, FailInfo, MalformedRequest, ScepFailure,
                              Throttled)
 from getcertd.issuance import Record
@@ -35,6 +35,15 @@ class Credentials:
 
 def _spki(public_key) -> bytes:
     return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+MAX_CHALLENGE_ROUNDS = 5  # challenges in one login; a server that challenges forever gets a failed login
+
+
+def _prompt(message: str) -> str:
+    """A RADIUS Reply-Message as the one line of a 401: printable, at most 200 characters, never empty."""
+    text = " ".join("".join(c if c.isprintable() else " " for c in message).split())[:200]
+    return text or "Enter the response"
 
 
 class EnrollmentService:
@@ -245,20 +254,27 @@ class EnrollmentService:
         if credentials is None:
             raise AuthenticationRequired()
         now = self.clock.seconds()
-        state = None
+        state, rounds = None, 0
         if credentials.token:
-            state = self.challenges.take(credentials.token, credentials.user, now)
-            if state is None:
+            taken = self.challenges.take(credentials.token, credentials.user, now)
+            if taken is None:
                 raise AuthenticationRequired()  # expired or unknown continuation: start over
-        result = await self._check(credentials.user, credentials.password, state, client)
+            state, rounds = taken
+        try:
+            result = await self._check(credentials.user, credentials.password, state, client)
+        except (AuthUnavailable, Throttled):
+            if state is not None:  # not an answer to the challenge: the same response may be sent again
+                self.challenges.put(credentials.token, credentials.user, state, now, client, rounds)
+            raise
         if isinstance(result, Accept):
             self._count("auth", self.authenticator.name, "accept")
             return result.identity
-        if isinstance(result, Challenge):
+        if isinstance(result, Challenge) and rounds < MAX_CHALLENGE_ROUNDS:
             self._count("auth", self.authenticator.name, "challenge")
             token = secrets.token_urlsafe(24)
-            self.challenges.put(token, credentials.user, result.state, now)
-            raise AuthenticationRequired(result.message, token)
+            if not self.challenges.put(token, credentials.user, result.state, now, client, rounds + 1):
+                raise Throttled(self.challenges.ttl, "too many logins from here are waiting for a response")
+            raise AuthenticationRequired(_prompt(result.message), token)
         self._count("auth", self.authenticator.name, "reject")
         log.info("authentication failed for a request from {client}", client=client)
         raise AuthenticationRequired()
@@ -289,18 +305,33 @@ class EnrollmentService:
         raise ScepFailure(FailInfo.badRequest, "authentication failed")
 
     async def _check(self, user, password, state, client):
-        """Ask the backend, unless the user or the address must first wait out earlier failures."""
-        checks = ((self.throttle, user), (self.address_throttle, client))
+        """Ask the backend, unless the user or the address must first wait out earlier failures. A Reject is
+        a failure, and so is a new challenge in answer to a response (a wrong token code, for servers that
+        challenge again instead of rejecting)."""
+        user_key = throttle_key(user)
+        checks = ((self.throttle, user_key), (self.address_throttle, client))
         wait = max(throttle.wait(key, self.clock.seconds()) for throttle, key in checks)
         if wait > 0:
             self._count("auth", self.authenticator.name, "throttled")
             raise Throttled(wait)
-        result = await self.authenticator.authenticate(user, password, state, client)
-        if isinstance(result, Reject):
+        for throttle, key in checks:
+            throttle.begin(key)
+        try:
+            result = await self.authenticator.authenticate(user, password, state, client)
+        finally:
             for throttle, key in checks:
-                throttle.failure(key, self.clock.seconds())
+                throttle.end(key)
+        if isinstance(result, Reject) or isinstance(result, Challenge) and state is not None:
+            now = self.clock.seconds()
+            failures = self.throttle.failure(user_key, now)
+            if failures == self.throttle.lockout_after:
+                log.warn("user {user!r} is locked out for {seconds:.0f} s after {n} failed logins (the manhole's "
+                         "throttled.clear(user) ends it)", user=user, seconds=self.throttle.lockout, n=failures)
+            if self.address_throttle.failure(client, now) == self.address_throttle.lockout_after:
+                log.warn("{client} is locked out for {seconds:.0f} s after {n} failed logins", client=client,
+                         seconds=self.address_throttle.lockout, n=self.address_throttle.lockout_after)
         elif isinstance(result, Accept):
-            self.throttle.success(user)  # an address's failures only fade with time
+            self.throttle.success(user_key)  # an address's failures only fade with time
         return result
 
     def _challenge_user(self, csr) -> str:

@@ -58,6 +58,6 @@ class AuthenticationRequired(GetcertdError):
 class Throttled(GetcertdError):
     """Too many failed authentications for this user or address: HTTP 429 with Retry-After."""
 
-    def __init__(self, retry_after: float):
-        super().__init__(f"too many failed attempts; try again in {max(1, int(retry_after + 0.999))} s")
+    def __init__(self, retry_after: float, reason: str = "too many failed attempts"):
         self.retry_after = max(1, int(retry_after + 0.999))
+        super().__init__(f"{reason}; try again in {self.retry_after} s")

@@ -246,7 +246,7 @@ def _make(config, reactor, now):
     if config.manhole_authorized_keys:
         from getcertd import admin_ns, manhole
         namespace = admin_ns.namespace(issuance_log=issuance_log, journal=journal, crl=crl, clock=reactor,
-                                       stats=stats, config=config, radius=stats.radius)
+                                       stats=stats, config=config, radius=stats.radius, enrollment=enrollment)
         ssh = strports.service(config.manhole_listen, manhole.factory(
             namespace, config.manhole_authorized_keys, state.load_or_create_ssh_host_key(config.state_dir)))
         ssh.setName("manhole")

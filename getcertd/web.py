@@ -87,21 +87,27 @@ def _finish(request, body: bytes):
         request.finish()
 
 
+MAX_USER_BYTES = 253  # what a RADIUS User-Name holds (RFC 2865 5.1)
+
+
 def parse_basic(header: Optional[bytes]) -> Optional[tuple]:
     """(user, password bytes) from an Authorization: Basic header, or None if absent."""
     if not header:
         return None
     scheme, _, value = header.strip().partition(b" ")
     if scheme.lower() != b"basic":
-        raise HttpError(401, "only Basic authentication is supported")
+        raise AuthenticationRequired("only Basic authentication is supported")
     try:
         decoded = base64.b64decode(value.strip(), validate=True)
         user, sep, password = decoded.partition(b":")
         if not sep:
             raise ValueError
-        return user.decode("utf-8"), password
+        user = user.decode("utf-8")
     except (binascii.Error, ValueError, UnicodeDecodeError):
         raise HttpError(400, "bad request: malformed Basic credentials") from None
+    if len(user.encode()) > MAX_USER_BYTES:
+        raise HttpError(400, f"bad request: a user name longer than {MAX_USER_BYTES} bytes")
+    return user, password
 
 
 def decode_message(raw: bytes) -> bytes:

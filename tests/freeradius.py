@@ -54,6 +54,7 @@ class User:
     tokens: Tuple[str, ...] = ()
     prompts: Tuple[str, ...] = ()
     reply: Tuple[Tuple[str, str], ...] = ()
+    rechallenge: bool = False  # a wrong token gets another Access-Challenge ("try again"), not an Access-Reject
 
 
 DEFAULT_USERS: Tuple[User, ...] = (
@@ -70,6 +71,8 @@ DEFAULT_USERS: Tuple[User, ...] = (
     User("erin", "erin-has-a-much-longer-password-0123456789"),
     # Accept carries Filter-Id
     User("frank", "frank-pass", reply=(("Filter-Id", '"vpn-users"'),)),
+    # a token server that answers a wrong code with another challenge
+    User("gina", "gina-pass", tokens=("777777",), prompts=("Enter token code",), rechallenge=True),
 )
 
 
@@ -173,6 +176,13 @@ def _challenge_unlang(user: User) -> str:
             out += ["        update control { &Auth-Type := Accept }",
                     "        ok"]
         out.append("    }")
+    if user.rechallenge:
+        out += ["    elsif (&session-state:Tmp-Integer-0) {",
+                "        update session-state { &Tmp-Integer-0 := &session-state:Tmp-Integer-0 }",
+                '        update reply { &Reply-Message := "Wrong code, try again" }',
+                "        update control { &Response-Packet-Type := Access-Challenge }",
+                "        handled",
+                "    }"]
     out += ["    else {",
             "        reject",
             "    }",

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from getcertd import config, radius, scep, web
-from getcertd.errors import ConfigError, MalformedRequest, ScepFailure
+from getcertd.errors import AuthenticationRequired, ConfigError, MalformedRequest, ScepFailure
 
 VECTORS = Path(__file__).parent / "vectors"
 NOW = datetime.datetime(2025, 3, 1, 12, 0, tzinfo=datetime.timezone.utc)
@@ -29,7 +29,7 @@ RADIUS_AUTHENTICATOR = bytes(range(16))
 
 TYPED = {
     "scep": (MalformedRequest, ScepFailure),
-    "query": (MalformedRequest, web.HttpError),
+    "query": (MalformedRequest, web.HttpError, AuthenticationRequired),
     "radius": (radius.BadReply,),
     "config": (ConfigError,),
     "scep-diff": (),  # a typed error from the asn1crypto path where the fast path accepted is a disagreement

@@ -153,11 +153,29 @@ def test_per_user_limits():
 def test_challenge_store_binds_user_and_expires():
     s = ChallengeStore(ttl=60)
     s.put("t1", "alice", b"state", now=0)
-    assert s.take("t1", "mallory", now=1) is None  # bound to the user, and consumed
+    assert s.take("t1", "mallory", now=1) is None  # bound to the user (and not spent by another)
+    assert s.take("t1", "alice", now=1) == (b"state", 1)
     s.put("t2", "alice", b"state", now=0)
     assert s.take("t2", "alice", now=61) is None
-    s.put("t3", "alice", b"state", now=0)
-    assert s.take("t3", "alice", now=30) == b"state" and s.take("t3", "alice", now=30) is None
+    s.put("t3", "alice", b"state", now=0, rounds=2)
+    assert s.take("t3", "alice", now=30) == (b"state", 2) and s.take("t3", "alice", now=30) is None
+    assert len(s) == 0
+
+
+def test_challenge_store_caps_each_user_and_address_and_never_drops_another_users():
+    s = ChallengeStore(ttl=60, max_entries=5, per_user=3, per_client=10)
+    assert s.put("carol", "carol", b"c", now=0, client="10.0.0.3")
+    for i in range(5):  # bob's own oldest make way for his newest
+        assert s.put(f"bob{i}", "bob", b"b", now=1, client="10.0.0.2")
+    assert len(s) == 4 and s.take("bob0", "bob", now=2) is None and s.take("bob4", "bob", now=2) == (b"b", 1)
+    assert s.put("x0", "user0", b"x", now=2, client="10.0.0.9") and s.put("x1", "user1", b"x", now=2, client="10.0.0.9")
+    assert not s.put("y", "other", b"y", now=2, client="10.0.0.9")  # the store is full: refused, nothing dropped
+    assert s.take("carol", "carol", now=3) == (b"c", 1)
+    assert s.put("late", "late", b"l", now=63, client="10.0.0.8") and len(s) == 1  # the rest expired
+    s = ChallengeStore(ttl=60, per_client=2)
+    assert s.put("a", "a", b"a", now=0, client="10.0.0.9") and s.put("b", "b", b"b", now=0, client="10.0.0.9")
+    assert not s.put("c", "c", b"c", now=0, client="10.0.0.9")  # the address has its share
+    assert s.put("c", "c", b"c", now=0, client="10.0.0.8")
 
 
 def test_throttle_backs_off_exponentially_then_locks_out():
@@ -178,6 +196,24 @@ def test_throttle_backs_off_exponentially_then_locks_out():
     t.failure(k, 0)
     t.success(k)
     assert t.wait(k, 0) == 0
+
+
+def test_throttle_counts_attempts_in_flight():
+    """Guesses sent in parallel: only the free ones are let through before any of them is decided."""
+    from getcertd.auth import Throttle
+    t = Throttle(free=3, max_wait=100, lockout_after=8, lockout=900, forget=3600)
+    for _ in range(3):
+        assert t.wait("alice", 0) == 0
+        t.begin("alice")
+    assert t.wait("alice", 0) == 1.0 and t.wait("bob", 0) == 0
+    t.end("alice")
+    t.failure("alice", 0)
+    assert t.wait("alice", 0) == 1.0  # 1 failure + 2 undecided
+    for _ in range(2):
+        t.end("alice")
+        t.failure("alice", 0)
+    assert t.wait("alice", 0) == 1 and t.wait("alice", 1) == 0  # the exponential delay after 3 failures
+    assert t.waiting(0) == {"alice": 1} and t.clear("alice") and t.wait("alice", 0) == 0 and not t.clear("alice")
 
 
 def test_eku_names_agree_with_the_ca():
@@ -231,3 +267,17 @@ def test_every_bounded_subject_attribute_is_held_to_its_upper_bound(template, na
     assert caught.value.fail_info == FailInfo.badRequest
     assert f"{name} takes at most {bound} characters" in caught.value.text
     p.decide(Identity("u" * 10, "local"), RSA, NOW, CA_END)  # fits
+
+
+def test_a_challenge_prompt_is_one_printable_line():
+    from getcertd.enroll import _prompt
+    assert _prompt("Enter code\r\nX-Injected: yes\r\n\x1b[2J\x07\x00tail\n") == "Enter code X-Injected: yes [2J tail"
+    assert _prompt("") == _prompt("\r\n") == "Enter the response"
+    assert len(_prompt("x" * 4000)) == 200 and _prompt("Código: ") == "Código:"
+
+
+def test_the_throttle_counts_spellings_of_one_name_together():
+    from getcertd.auth import throttle_key
+    assert throttle_key("ALICE") == throttle_key("Alice") == throttle_key("alice") == "alice"
+    assert throttle_key("ＡＬＩＣＥ") == "alice" and throttle_key("Straße") == throttle_key("STRASSE")
+    assert throttle_key("bob") != throttle_key("alice")

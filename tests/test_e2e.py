@@ -278,6 +278,35 @@ def test_failed_logins_are_throttled_the_same_for_unknown_users(app, tmp_path):
     assert status == 429 and int(headers["Retry-After"]) >= 1 and b"too many failed attempts" in body
 
 
+def test_parallel_guesses_and_other_spellings_get_no_more_tries(app):
+    """Guesses sent at once used to pass the throttle before the first of them failed (all 30 reached the
+    backend); and ALICE, Alice... were each 5 more guesses at an account that a case-insensitive backend
+    takes as alice's."""
+    from concurrent.futures import ThreadPoolExecutor
+    msg = Requester(get_ca_certs(app.url, app.ca_pem)).message()
+    url = app.url + "?operation=PKIOperation"
+
+    def guess(i):
+        return http(url, data=msg, cafile=app.ca_pem, headers=basic("alice", f"guess {i}"))[0]
+    with ThreadPoolExecutor(30) as pool:
+        codes = list(pool.map(guess, range(30)))
+    assert codes.count(401) <= 5 and codes.count(429) >= 25, codes
+    status, headers, body = http(url, data=msg, cafile=app.ca_pem, headers=basic("BOB", "wrong"))
+    for spelling in ("Bob", "bOb", "BoB", "boB"):
+        assert http(url, data=msg, cafile=app.ca_pem, headers=basic(spelling, "wrong"))[0] == 401
+    assert http(url, data=msg, cafile=app.ca_pem, headers=basic("bob", "wrong"))[0] == 429
+
+
+def test_credentials_that_cannot_be_names_or_basic_get_one_clear_answer(app):
+    msg = Requester(get_ca_certs(app.url, app.ca_pem)).message()
+    url = app.url + "?operation=PKIOperation"
+    status, _, body = http(url, data=msg, cafile=app.ca_pem, headers=basic("a" * 254, "x"))
+    assert status == 400 and body == b"bad request: a user name longer than 253 bytes\n"
+    status, headers, body = http(url, data=msg, cafile=app.ca_pem, headers={"Authorization": "Bearer abc"})
+    assert status == 401 and headers["WWW-Authenticate"].startswith("Basic realm=") \
+        and body == b"only Basic authentication is supported\n"
+
+
 def test_passphrase_encrypted_ca_key(appliance_factory, tmp_path):
     pw = tmp_path / "ca-pass"
     pw.write_text("correct horse battery staple\n")

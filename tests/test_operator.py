@@ -195,6 +195,21 @@ def test_manhole_with_openssh_revokes_and_the_next_crl_lists_it(appliance_factor
         assert metric(body, "getcertd_crl_entries") == 2 and metric(body, "getcertd_issuance_log_records") == 3
         assert metric(body, "getcertd_http_request_duration_seconds_count", endpoint="scep") >= 4
         assert "RADIUS" in m.run("radius") or "no RADIUS" in m.run("radius")
+        # bob, held back by someone's guesses (7 failures in all, in any spelling: 4 s to wait after the last),
+        # is let in again by the admin
+        for pause in (0, 0, 0, 0, 1.1, 2.1):
+            time.sleep(pause)
+            status = http(app.url + "?operation=PKIOperation", data=Requester(certs).message(), cafile=app.ca_pem,
+                          headers=basic("BOB" if pause else "bob", "wrong"))[0]
+            assert status == 401, status
+        assert http(app.url + "?operation=PKIOperation", data=Requester(certs).message(), cafile=app.ca_pem,
+                    headers=basic("bob", "bob pass"))[0] == 429
+        assert re.fullmatch(r"user 'bob' must wait [234] s\s*", m.run("throttled")), m.run("throttled")
+        assert m.run("throttled.clear('Bob')").strip() == "'Bob': failures of the user name forgotten"
+        assert m.run("throttled").strip() == "no user name or address must wait"
+        assert m.run("throttled.clear('127.0.0.1')").strip() == "'127.0.0.1': failures of the address forgotten"
+        assert m.run("throttled.clear('carol')").strip() == "'carol': no failed logins on record"
+        enroll(app, certs, "bob", "bob pass")
         assert "manhole_authorized_keys" in m.run("config") and ">>> " not in m.run("help")
         m.run("mine = 42")
     finally:

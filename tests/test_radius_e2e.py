@@ -105,6 +105,47 @@ def test_session_timeout_and_class_feed_policy_and_bind_renewals(appliance_facto
         assert datetime.timedelta(seconds=500) < life <= datetime.timedelta(seconds=600), life
 
 
+def test_a_wrong_code_challenged_again_counts_as_a_failed_login(appliance_factory, radius_server):
+    """A token server that answers a wrong code with a new challenge, not a reject: each such round is a
+    failed login (it was not counted at all: codes could be guessed without limit), and one login gets at most
+    5 challenges."""
+    app = radius_app(appliance_factory, radius_server)
+    msg = Requester(get_ca_certs(app.url, app.ca_pem)).message()
+    url = app.url + "?operation=PKIOperation"
+    status, headers, body = http(url, data=msg, cafile=app.ca_pem, headers=basic("gina", "gina-pass"))
+    assert status == 401 and b"Enter token code" in body
+    for i in range(4):
+        status, headers, body = http(url, data=msg, cafile=app.ca_pem, headers={
+            **basic("gina", f"00000{i}"), "Getcertd-Challenge": headers["Getcertd-Challenge"]})
+        assert status == 401 and body == b"Wrong code, try again\n" and headers.get("Getcertd-Challenge"), i
+    status, headers, body = http(url, data=msg, cafile=app.ca_pem, headers={
+        **basic("gina", "000009"), "Getcertd-Challenge": headers["Getcertd-Challenge"]})
+    assert status == 401 and not headers.get("Getcertd-Challenge")  # the 6th challenge of one login: refused
+    status, headers, body = http(url, data=msg, cafile=app.ca_pem, headers=basic("gina", "gina-pass"))
+    assert status == 429, (status, body)  # 5 failed rounds: the user must wait
+
+
+def test_a_response_the_server_could_not_check_may_be_sent_again(appliance_factory, radius_server):
+    """RADIUS down between the challenge and the response: 503, and the same response works once it is back
+    (the continuation was spent before the backend was asked, so the retry could only start over)."""
+    from faultproxy import FaultProxy
+    proxy = FaultProxy(radius_server.address, radius_server.secret, ports=1).start()
+    try:
+        app = radius_app(appliance_factory, radius_server, servers=proxy.servers)
+        msg = Requester(get_ca_certs(app.url, app.ca_pem)).message()
+        url = app.url + "?operation=PKIOperation"
+        status, headers, _ = http(url, data=msg, cafile=app.ca_pem, headers=basic("bob", "bob-pass"))
+        answer = {**basic("bob", "123456"), "Getcertd-Challenge": headers["Getcertd-Challenge"]}
+        proxy.set_mode("down")  # every request dropped on the way
+        status, headers, body = http(url, data=msg, cafile=app.ca_pem, headers=answer)
+        assert status == 503 and headers["Retry-After"], (status, body)
+        proxy.set_mode("pass")
+        status, _, body = http(url, data=msg, cafile=app.ca_pem, headers=answer)
+        assert status == 200, (status, body)
+    finally:
+        proxy.stop()
+
+
 def test_challenge_password_over_plain_http(appliance_factory, radius_server):
     app = radius_app(appliance_factory, radius_server)
     certs = get_ca_certs(app.url, app.ca_pem)
