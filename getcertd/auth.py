@@ -19,7 +19,7 @@ class Identity:
     user: str
     method: str  # "local", "radius-pap", "radius-challenge", "challengePassword"
     session_timeout: Optional[int] = None  # seconds; caps the certificate lifetime
-    profile_hint: Optional[str] = None  # e.g. RADIUS Class or Filter-Id
+    profile_hints: Tuple[str, ...] = ()  # e.g. the RADIUS Class or Filter-Id values, in order
     attributes: Mapping[str, Tuple] = field(default_factory=dict)
 
 

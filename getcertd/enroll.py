@@ -299,7 +299,7 @@ class EnrollmentService:
             self._count("auth", self.authenticator.name, "accept")
             return Identity(user=result.identity.user, method="challengePassword",
                             session_timeout=result.identity.session_timeout,
-                            profile_hint=result.identity.profile_hint, attributes=result.identity.attributes)
+                            profile_hints=result.identity.profile_hints, attributes=result.identity.attributes)
         self._count("auth", self.authenticator.name, "reject")
         log.info("challengePassword authentication failed for a request from {client}", client=client)
         raise ScepFailure(FailInfo.badRequest, "authentication failed")

@@ -170,9 +170,15 @@ class Policy:
             check_template(p.subject, "subject")
             check_template(p.san, "san")
 
+    def _mapped_hint(self, identity: Identity) -> Optional[str]:
+        """The first of the backend's hints that profile_map names (a server may add values of its own, such as
+        the Class that Microsoft NPS puts in every Access-Accept)."""
+        mapping = self.profile_map or {}
+        return next((hint for hint in identity.profile_hints if hint in mapping), None)
+
     def profile_for(self, identity: Identity) -> ProfileConfig:
-        name = (self.profile_map or {}).get(identity.profile_hint or "", self.default_profile)
-        return self.profiles[name]
+        hint = self._mapped_hint(identity)
+        return self.profiles[self.profile_map[hint] if hint is not None else self.default_profile]
 
     def choose_profile(self, identity: Identity, requested: str, granted: Optional[str] = None) -> str:
         """The profile for a request that names one (an EST CA label), or ScepFailure.
@@ -187,7 +193,7 @@ class Policy:
             return own
         if requested not in self.profiles:
             raise ScepFailure(FailInfo.badRequest, f"there is no profile {requested!r}")
-        if granted is not None or (identity.profile_hint or "") in mapping or requested in set(mapping.values()):
+        if granted is not None or self._mapped_hint(identity) is not None or requested in set(mapping.values()):
             raise ScepFailure(FailInfo.badRequest, f"the profile {requested!r} is not granted to this user")
         return requested
 

@@ -278,13 +278,16 @@ def interpret_reply(reply: RadiusReply, user: str, challenged: bool,
     ``challenged``: the request carried a State (it answered a challenge).
     """
     if reply.code == ACCESS_ACCEPT:
-        timeout = reply.first("Session-Timeout")
-        hint = reply.first(profile_attribute)
+        # Session-Timeout caps the certificate's lifetime: with several values the shortest; one that can't be
+        # read is no Accept (issuing without the cap the server meant would outlive it). 0 means no cap.
+        timeouts = reply.attributes.get("Session-Timeout", ())
+        if not all(isinstance(t, int) for t in timeouts):
+            return Reject("Access-Accept with a Session-Timeout that is not a 4-octet integer")
         return Accept(Identity(
             user=user,
             method="radius-challenge" if challenged else "radius-pap",
-            session_timeout=timeout if isinstance(timeout, int) else None,
-            profile_hint=_text(hint) if hint is not None else None,
+            session_timeout=min(timeouts) if timeouts else None,
+            profile_hints=tuple(_text(h) for h in reply.attributes.get(profile_attribute, ())),
             attributes=dict(reply.attributes)))
     messages = "".join(_text(m) for m in reply.attributes.get("Reply-Message", ()))
     if reply.code == ACCESS_CHALLENGE:

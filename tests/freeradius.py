@@ -71,6 +71,9 @@ DEFAULT_USERS: Tuple[User, ...] = (
     User("erin", "erin-has-a-much-longer-password-0123456789"),
     # Accept carries Filter-Id
     User("frank", "frank-pass", reply=(("Filter-Id", '"vpn-users"'),)),
+    # an Accept with a Class of the server's own first (as Microsoft NPS adds) and two Session-Timeouts
+    User("hank", "hank-pass", reply=(("Class", "0x00014e50530001"), ("Class", '"ikev2-short"'),
+                                     ("Session-Timeout", "7200"), ("Session-Timeout", "300"))),
     # a token server that answers a wrong code with another challenge
     User("gina", "gina-pass", tokens=("777777",), prompts=("Enter token code",), rechallenge=True),
 )
@@ -142,7 +145,7 @@ def _users_file(users: Sequence[User]) -> str:
             continue  # handled in unlang
         lines.append(f"{user.name}\tCleartext-Password := {_quote(user.password)}")
         if user.reply:
-            lines.append(",\n".join(f"\t{name} = {value}" for name, value in user.reply))
+            lines.append(",\n".join(f"\t{name} += {value}" for name, value in user.reply))
         lines.append("")
     return "\n".join(lines) + "\n"
 

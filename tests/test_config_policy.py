@@ -95,7 +95,7 @@ def test_subject_from_identity_template_and_lifetime():
 
 
 def test_profile_by_hint_and_session_timeout_cap():
-    d = policy().decide(Identity("bob", "radius-pap", session_timeout=300, profile_hint="gold"), RSA, NOW, CA_END)
+    d = policy().decide(Identity("bob", "radius-pap", session_timeout=300, profile_hints=("gold",)), RSA, NOW, CA_END)
     assert d.profile == "short" and d.not_after - NOW == datetime.timedelta(seconds=300)
     assert d.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)[0].value == "short"
 
@@ -281,3 +281,11 @@ def test_the_throttle_counts_spellings_of_one_name_together():
     assert throttle_key("ALICE") == throttle_key("Alice") == throttle_key("alice") == "alice"
     assert throttle_key("ＡＬＩＣＥ") == "alice" and throttle_key("Straße") == throttle_key("STRASSE")
     assert throttle_key("bob") != throttle_key("alice")
+
+
+def test_the_first_hint_that_profile_map_names_chooses_the_profile():
+    p = policy()
+    assert p.profile_for(Identity("u", "radius-pap", profile_hints=("nps-0001", "gold"))).name == "short"
+    assert p.profile_for(Identity("u", "radius-pap", profile_hints=("nps-0001",))).name == "default"
+    with pytest.raises(ScepFailure):  # a mapped user can't name another profile (an EST label)
+        p.choose_profile(Identity("u", "radius-pap", profile_hints=("nps-0001", "gold")), "default")

@@ -129,7 +129,7 @@ def test_label_never_lifts_a_user_out_of_the_mapped_profile():
     profiles = {n: ProfileConfig(n, 3600, f"CN={{user}}, OU={n}", "", ("clientAuth",))
                 for n in ("default", "short", "restricted")}
     policy = Policy(profiles=profiles, profile_map={"vip": "restricted", "ikev2-short": "short"})
-    plain, vip = Identity("u", "local"), Identity("v", "radius-pap", profile_hint="vip")
+    plain, vip = Identity("u", "local"), Identity("v", "radius-pap", profile_hints=("vip",))
     assert policy.choose_profile(plain, "default") == "default"
     assert policy.choose_profile(vip, "restricted") == "restricted"
     for identity, label in ((plain, "restricted"), (plain, "short"), (vip, "default"), (vip, "short")):

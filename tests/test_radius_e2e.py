@@ -90,6 +90,13 @@ def test_session_timeout_and_class_feed_policy_and_bind_renewals(appliance_facto
     assert cert.subject.rfc4514_string() == "CN=dave,OU=short,O=getcertd"  # Class ikev2-short -> profile short
     life = cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc)
     assert datetime.timedelta(seconds=500) < life <= datetime.timedelta(seconds=600)  # Session-Timeout 600 < 30m
+    # every Class value is looked at (the server's own comes first), and the shortest Session-Timeout caps
+    p = app.getcert("hank", ["hank-pass"], tmp_path / "h")
+    assert p.returncode == 0, p.stderr
+    hank = cert_of(tmp_path / "h")
+    assert hank.subject.rfc4514_string() == "CN=hank,OU=short,O=getcertd"
+    life = hank.not_valid_after_utc - hank.not_valid_before_utc - datetime.timedelta(minutes=2)
+    assert datetime.timedelta(seconds=200) < life <= datetime.timedelta(seconds=300), life
     # A SCEP RenewalReq signed by that certificate, without credentials, and a renewal of the renewal: the same
     # profile and at most the same lifetime, as EST's simplereenroll (not the default profile's 8 hours).
     key = serialization.load_pem_private_key((tmp_path / "d" / "key.pem").read_bytes(), None)

@@ -130,8 +130,8 @@ async def test_pap_accept(freeradius):
         result = await client.authenticate("alice", b"alice-pass")
         assert isinstance(result, Accept)
         identity = result.identity
-        assert (identity.user, identity.method, identity.session_timeout, identity.profile_hint) == \
-            ("alice", "radius-pap", None, None)
+        assert (identity.user, identity.method, identity.session_timeout, identity.profile_hints) == \
+            ("alice", "radius-pap", None, ())
         # a password longer than one 16-octet block
         result = await client.authenticate("erin", b"erin-has-a-much-longer-password-0123456789")
         assert isinstance(result, Accept)
@@ -160,7 +160,7 @@ async def test_session_timeout_and_class(freeradius):
         result = await client.authenticate("dave", b"dave-pass")
         assert isinstance(result, Accept)
         assert result.identity.session_timeout == 600
-        assert result.identity.profile_hint == "ikev2-short"
+        assert result.identity.profile_hints == ("ikev2-short",)
         assert result.identity.attributes["Class"] == (b"ikev2-short",)
         assert result.identity.attributes["Session-Timeout"] == (600,)
     finally:
@@ -172,7 +172,7 @@ async def test_filter_id_as_profile(freeradius):
     client = Client([freeradius.address], freeradius.secret, profile_attribute="Filter-Id")
     try:
         result = await client.authenticate("frank", b"frank-pass")
-        assert result.identity.profile_hint == "vpn-users"
+        assert result.identity.profile_hints == ("vpn-users",)
     finally:
         await client.close()
 

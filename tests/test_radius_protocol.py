@@ -267,8 +267,8 @@ def test_request_attributes_and_accept():
     [result] = out
     assert isinstance(result, Accept)
     identity = result.identity
-    assert (identity.user, identity.method, identity.session_timeout, identity.profile_hint) == \
-        ("alice", "radius-pap", 600, "ikev2-short")
+    assert (identity.user, identity.method, identity.session_timeout, identity.profile_hints) == \
+        ("alice", "radius-pap", 600, ("ikev2-short",))
     assert identity.attributes == {"Session-Timeout": (600,), "Class": (b"ikev2-short",)}
     status = server_status(proto)
     assert status["accepts"] == 1 and status["requests"] == 1 and status["in_flight"] == 0
@@ -289,13 +289,31 @@ def test_filter_id_profile_and_bad_utf8_class():
     out = results(RadiusAuthenticator(proto).authenticate("u", b"p", None, CLIENT))
     proto.datagramReceived(reply_to(transport.written[0][0], ACCESS_ACCEPT,
                                     [("Filter-Id", "vpn-users"), ("Class", b"\xff")]), A)
-    assert out[0].identity.profile_hint == "vpn-users"
+    assert out[0].identity.profile_hints == ("vpn-users",)
 
     proto, _, transport = make()
     out = results(RadiusAuthenticator(proto).authenticate("u", b"p", None, CLIENT))
     proto.datagramReceived(reply_to(transport.written[0][0], ACCESS_ACCEPT, [("Class", b"gold\xff")]), A)
-    assert out[0].identity.profile_hint == "gold\ufffd"
+    assert out[0].identity.profile_hints == ("gold\ufffd",)
     assert out[0].identity.session_timeout is None
+
+
+def test_every_class_value_and_the_shortest_session_timeout():
+    """Microsoft NPS adds a Class of its own to every Accept: each value is kept, in order, for the policy to find
+    the one profile_map names; of several Session-Timeouts the shortest caps; one that can't be read is no
+    Accept at all."""
+    proto, _, transport = make()
+    out = results(RadiusAuthenticator(proto).authenticate("u", b"p", None, CLIENT))
+    proto.datagramReceived(reply_to(transport.written[0][0], ACCESS_ACCEPT, [
+        ("Class", b"\x00\x01nps-session-0001"), ("Class", b"ikev2-short"), ("Session-Timeout", 7200),
+        ("Session-Timeout", 60)]), A)
+    assert out[0].identity.profile_hints == ("\x00\x01nps-session-0001", "ikev2-short")
+    assert out[0].identity.session_timeout == 60
+    proto, _, transport = make()
+    out = results(RadiusAuthenticator(proto).authenticate("u", b"p", None, CLIENT))
+    proto.datagramReceived(reply_to(transport.written[0][0], ACCESS_ACCEPT,
+                                    [(27, b"\x00\x00\x00\x00\x00\x00\x02\x58")]), A)
+    assert isinstance(out[0], Reject) and "Session-Timeout" in out[0].reason
 
 
 def test_reject():
