@@ -138,6 +138,7 @@ class Throttle:
     def wait(self, key, now: float) -> float:
         """Seconds ``key`` must still wait before it may try again (0 when it may)."""
         count, last = self._failures.get(key, (0, now))
+        last = min(last, now)  # a clock stepped back must not lengthen the wait by the step
         if count and now - last > self.forget:
             del self._failures[key]
             count = 0

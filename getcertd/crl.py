@@ -301,8 +301,10 @@ class CrlPublisher(service.Service):
         number = self._last_number + 1
         self._last_number = number  # never reused, even if this attempt fails
         scheduled, self._scheduled = self._scheduled, False
-        # Listed: every revoked certificate that no regular CRL issued after its notAfter has listed yet.
-        listed_after = -1 if self._scheduled_this_update is None else self._scheduled_this_update - 1
+        # Listed: every revoked certificate that no regular CRL issued after its notAfter has listed yet. (A CRL
+        # made while the clock was ahead does not count past now: after the clock is set right, certificates
+        # that expire later than now are listed again.)
+        listed_after = -1 if self._scheduled_this_update is None else min(self._scheduled_this_update, now) - 1
         revoked = [(r.serial, r.revoked_at, r.revocation_reason) for r in self.log.revoked_unexpired(listed_after)]
         this_update = datetime.datetime.fromtimestamp(now, _UTC)
         next_update = datetime.datetime.fromtimestamp(now + self.lifetime, _UTC)

@@ -375,7 +375,7 @@ class EnrollmentService:
         if getattr(policy, "max_valid_per_user", 1):
             valid = self.log.valid_for_user(user, seconds)
             valid_count = len(valid) + pending - (replaces in valid)  # Records compare by identity
-        issued_last_hour = self.log.count_issued_since(user, seconds - 3600) + pending \
+        issued_last_hour = self.log.count_issued_between(user, seconds - 3600, seconds) + pending \
             if getattr(policy, "max_per_user_per_hour", 1) else 0
         decision = policy.decide(identity, public_key, now, self.ca.not_after(), valid_count=valid_count,
                                  issued_last_hour=issued_last_hour, profile=profile,

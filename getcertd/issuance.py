@@ -255,12 +255,15 @@ class IssuanceLog:
         return self._by_tid.get(transaction_id)
 
     def valid_for_user(self, user: str, now: int) -> list:
-        """The user's certificates that are unrevoked and within their validity period at ``now``."""
-        return [r for r in self._by_user.get(user, ()) if r.revoked_at is None and r.not_before <= now < r.not_after]
+        """The user's unrevoked certificates that have not expired at ``now``: valid, or not valid yet (a
+        certificate issued just before the clock stepped back still counts against the user's limit)."""
+        return [r for r in self._by_user.get(user, ()) if r.revoked_at is None and now < r.not_after]
 
-    def count_issued_since(self, user: str, since: int) -> int:
-        """How many certificates were issued to ``user`` at or after ``since`` (per-user rate limits)."""
-        return sum(1 for r in self._by_user.get(user, ()) if r.issued_at >= since)
+    def count_issued_between(self, user: str, since: int, until: int) -> int:
+        """How many certificates were issued to ``user`` with ``since <= issued_at <= until`` (per-user rate
+        limits; ``until`` is now: records stamped in the future by a clock that was ahead don't count for as
+        long as it was ahead)."""
+        return sum(1 for r in self._by_user.get(user, ()) if since <= r.issued_at <= until)
 
     def query(self, user: str = None, serial: int = None, since: int = None, until: int = None) -> list:
         """Records matching every given filter, in issue order; ``since <= issued_at < until``."""

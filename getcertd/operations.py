@@ -2,6 +2,8 @@
 
 Shared by the manhole (getcertd.admin_ns, on a running appliance) and getcertd-admin (on a stopped one).
 """
+import time
+
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
@@ -81,17 +83,28 @@ def revoke(journal, crl, now: int, *, serial: int = None, user: str = None, reas
     return d.addCallback(published)
 
 
+STEP_TOLERANCE = 300  # seconds the wall clock may gain on the time elapsed before compaction waits
+
+
 class CompactionService(service.Service):
     """Compacts the journal (and prunes the in-memory log) ``first_after`` seconds after start, then every
-    ``every`` seconds: records of certificates expired more than ``retain`` seconds ago go."""
+    ``every`` seconds: records of certificates expired more than ``retain`` seconds ago go.
+
+    Not while the wall clock (``clock``) has run ahead of the time that really elapsed since start
+    (``monotonic``) by more than STEP_TOLERANCE: a clock set a month ahead by mistake would otherwise drop, for
+    good, the records of revoked certificates that are still valid, and the CRL with them.
+    """
     name = "compaction"
 
-    def __init__(self, journal, clock, retain: int, every: int = COMPACT_EVERY, first_after: int = COMPACT_FIRST_AFTER):
+    def __init__(self, journal, clock, retain: int, every: int = COMPACT_EVERY, first_after: int = COMPACT_FIRST_AFTER,
+                 monotonic=time.monotonic):
         self.journal = journal
         self.clock = clock
         self.retain = retain
         self.every = every
         self.first_after = first_after
+        self._monotonic = monotonic
+        self._origin = None  # (wall clock, monotonic clock) at start
         self._loop = LoopingCall(self.compact)
         self._loop.clock = clock
         self._first = None
@@ -99,6 +112,7 @@ class CompactionService(service.Service):
 
     def startService(self):
         super().startService()
+        self._origin = (self.clock.seconds(), self._monotonic())
         self._first = self.clock.callLater(self.first_after, self._start_loop)
 
     def _start_loop(self):
@@ -109,6 +123,13 @@ class CompactionService(service.Service):
         """Compact now; fires with the number of records kept (errors are logged, the next run tries again)."""
         before = len(self.journal.log)
         started = self.clock.seconds()
+        if self._origin is not None:
+            ahead = (started - self._origin[0]) - (self._monotonic() - self._origin[1])
+            if ahead > STEP_TOLERANCE:
+                log.warn("the wall clock is {ahead:.0f} s ahead of the time elapsed since start: the journal is not "
+                         "compacted until it is set right (or getcertd restarts), so that no record of a revoked "
+                         "certificate that is still valid is dropped", ahead=ahead)
+                return defer.succeed(before)
         d = self._running = self.journal.compact(int(started), self.retain)
 
         def done(kept):

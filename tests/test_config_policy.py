@@ -289,3 +289,12 @@ def test_the_first_hint_that_profile_map_names_chooses_the_profile():
     assert p.profile_for(Identity("u", "radius-pap", profile_hints=("nps-0001",))).name == "default"
     with pytest.raises(ScepFailure):  # a mapped user can't name another profile (an EST label)
         p.choose_profile(Identity("u", "radius-pap", profile_hints=("nps-0001", "gold")), "default")
+
+
+def test_a_clock_stepped_back_does_not_lengthen_a_wait():
+    from getcertd.auth import Throttle
+    t = Throttle(free=3, max_wait=100, lockout_after=8, lockout=900, forget=3600)
+    for _ in range(4):
+        t.failure("carol", 1000)
+    assert t.wait("carol", 1000) == 2
+    assert t.wait("carol", 400) == 2  # not 602 s: the step back is not a wait

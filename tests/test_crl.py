@@ -204,6 +204,23 @@ def test_publisher_numbers_regenerates_and_drops_expired(setup, tmp_path):
         check_with_openssl(tmp_path, ca, pub.der)
 
 
+def test_a_clock_that_was_ahead_does_not_keep_a_valid_revoked_certificate_off_the_crl(setup):
+    """Hours ahead (local time typed in as UTC), a regular CRL rightly leaves out serial 3 (notAfter T0 + 3 h);
+    set right again, the next CRL must list it: it is valid for hours yet."""
+    clock, log, state_dir = setup
+    pub = CrlPublisher(ca_for("ec"), state_dir, log, clock, interval=HOUR, lifetime=3 * HOUR)
+    pub.startService()
+    log.revoke(3, 1, T0 + 1)
+    clock.advance(9 * HOUR)  # a regular CRL at T0 + 9 h lists serial 3 (none after its notAfter did yet) ...
+    clock.advance(HOUR)  # ... so the next one, at T0 + 10 h, rightly leaves it out
+    assert serials(pub.der) == []
+    clock.advance(-10 * HOUR + 600)  # set right: T0 + 10 min
+    fired = []
+    pub.publish().addCallback(fired.append)  # a revocation, or the timer once it runs again
+    assert fired and serials(pub.der) == [3]
+    pub.stopService()
+
+
 def test_crl_number_survives_a_restart(setup):
     clock, log, state_dir = setup
     ca = ca_for("ec")

@@ -54,13 +54,15 @@ def test_valid_for_user_and_rate_counts(log):
     now = T0 + 2 * HOUR + 1
     assert [r.serial for r in log.valid_for_user("alice", now)] == [1, 3, 4]
     assert [r.serial for r in log.valid_for_user("alice", T0 + 3 * HOUR + 1)] == [1, 3]  # 4 expired
-    assert [r.serial for r in log.valid_for_user("alice", T0 - 301)] == []  # not yet valid
+    # not valid yet (the clock stepped back after they were issued): they still count against the limit
+    assert [r.serial for r in log.valid_for_user("alice", T0 - 301)] == [1, 3, 4]
     log.revoke(1, 1, now)
     assert [r.serial for r in log.valid_for_user("alice", now)] == [3, 4]
-    assert log.count_issued_since("alice", T0) == 3
-    assert log.count_issued_since("alice", T0 + 1) == 2
-    assert log.count_issued_since("alice", T0 + 2 * HOUR + 1) == 0
-    assert log.count_issued_since("nobody", 0) == 0
+    assert log.count_issued_between("alice", T0, now) == 3
+    assert log.count_issued_between("alice", T0 + 1, now) == 2
+    assert log.count_issued_between("alice", T0 + 2 * HOUR + 1, now) == 0
+    assert log.count_issued_between("alice", T0 - HOUR, T0 - 1) == 0  # stamped in the future of that clock
+    assert log.count_issued_between("nobody", 0, now) == 0
 
 
 def test_revoke(log):

@@ -335,7 +335,7 @@ def test_compaction_runs_after_ten_minutes_then_daily_on_the_clock(tmp_path):
     for serial, lifetime in ((1, HOUR), (2, 40 * 86400)):
         fired(journal.record_issue(Record(serial, "u", "p", "CN=u", "", "ec-p256", T0, T0 + lifetime, f"t{serial}",
                                           "c", "local", T0), b"\x30\x00"))
-    service = CompactionService(journal, clock, retain=86400)
+    service = CompactionService(journal, clock, retain=86400, monotonic=clock.seconds)
     service.startService()
     clock.advance(599)
     assert len(log) == 2
@@ -350,6 +350,31 @@ def test_compaction_runs_after_ten_minutes_then_daily_on_the_clock(tmp_path):
     assert [r.serial for r in again] == [2]
     service.stopService()
     assert not clock.getDelayedCalls()
+    fired(journal.close())
+
+
+def test_no_compaction_while_the_wall_clock_is_ahead_of_the_time_elapsed(tmp_path):
+    """A clock set a month ahead by mistake: the record of a revoked certificate that is still valid must not
+    be pruned (the CRL lists it from the log); once the clock is set right, compaction goes on."""
+    clock = Clock()
+    clock.advance(T0)
+    step = [0.0]  # how far the wall clock was set ahead
+    log = IssuanceLog()
+    journal = Journal(str(tmp_path / "journal"), log, reactor=clock, run=sync)
+    fired(journal.record_issue(Record(1, "u", "p", "CN=u", "", "ec-p256", T0, T0 + 8 * HOUR, "t1", "c", "local", T0),
+                               b"\x30\x00"))
+    service = CompactionService(journal, clock, retain=86400, monotonic=lambda: clock.seconds() - step[0])
+    service.startService()
+    clock.advance(600)
+    step[0] = 31 * 86400
+    clock.advance(step[0])
+    fired(service.compact())
+    assert [r.serial for r in log] == [1]  # kept, though "expired" 31 days ago by the clock
+    step[0] = 0.0
+    clock.advance(2 * 86400)  # the clock is right (in this test: 2 days later it really expired long ago)
+    fired(service.compact())
+    assert len(log) == 0
+    service.stopService()
     fired(journal.close())
 
 
