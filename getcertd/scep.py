@@ -1468,7 +1468,7 @@ def _load_csr(der: bytes) -> tuple:
     if version != "v1":
         if version not in (1, 2):
             raise MalformedRequest(f"CSR version {version!r} is not supported")
-        legacy = (info.dump(), request["signature_algorithm"], request["signature"].native)
+        legacy = (info.dump(), request["signature_algorithm"]["algorithm"].dotted, request["signature"].native)
         fixed = info.copy()
         fixed["version"] = "v1"
         der = asn1_csr.CertificationRequest({
@@ -1484,11 +1484,18 @@ def _load_csr(der: bytes) -> tuple:
     return csr, legacy
 
 
-def _legacy_pop_valid(csr: x509.CertificateSigningRequest, legacy: tuple) -> bool:
-    info_der, algorithm, signature = legacy
-    family, digest = _SIGNATURE_OIDS.get(algorithm["algorithm"].dotted, (None, None))
+# CSR signature algorithms cryptography verifies itself; SHA-1 ones (which it no longer verifies, and which older
+# SCEP clients still sign their requests with: a proof of possession, not a signature anyone relies on later)
+# are checked by _pop_valid; anything else (MD5, MD2, SHA-224 ...) is badAlg.
+_CSR_SIGNATURES = frozenset(oid for oid, (family, digest) in _SIGNATURE_OIDS.items()
+                            if digest not in (None, "sha1")) | {"1.3.101.112", OID_RSASSA_PSS}  # Ed25519, PSS
+
+
+def _pop_valid(csr: x509.CertificateSigningRequest, info_der: bytes, algorithm: str, signature: bytes) -> bool:
+    """The CSR's proof of possession checked over ``info_der`` (the CertificationRequestInfo as received)."""
+    family, digest = _SIGNATURE_OIDS.get(algorithm, (None, None))
     if digest is None:
-        raise ScepFailure(FailInfo.badAlg, f"unsupported CSR signature algorithm {algorithm['algorithm'].dotted}")
+        raise ScepFailure(FailInfo.badAlg, f"unsupported CSR signature algorithm {algorithm}")
     public_key = csr.public_key()
     try:
         if family == "rsa" and isinstance(public_key, rsa.RSAPublicKey):
@@ -1515,8 +1522,23 @@ def parse_csr(der: bytes) -> x509.CertificateSigningRequest:
     """
     csr, legacy = _load_csr(der)
     try:
-        csr.public_key()
-        valid = csr.is_signature_valid if legacy is None else _legacy_pop_valid(csr, legacy)
+        key = csr.public_key()
+        if isinstance(key, rsa.RSAPublicKey) and key.public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) \
+                not in csr.tbs_certrequest_bytes and \
+                asn1_csr.CertificationRequestInfo.load(csr.tbs_certrequest_bytes)["subject_pk_info"]["algorithm"][
+                    "algorithm"].dotted == OID_RSASSA_PSS:
+            # cryptography reads an id-RSASSA-PSS key as plain RSA; the certificate would then carry it as
+            # rsaEncryption, lifting the key's restriction to PSS
+            raise ScepFailure(FailInfo.badAlg, "RSASSA-PSS keys (id-RSASSA-PSS) are not supported; use an "
+                                               "rsaEncryption RSA key")
+        algorithm = csr.signature_algorithm_oid.dotted_string
+        if legacy is not None:
+            valid = _pop_valid(csr, *legacy)
+        elif algorithm in _CSR_SIGNATURES:
+            valid = csr.is_signature_valid
+        else:
+            valid = _pop_valid(csr, csr.tbs_certrequest_bytes, algorithm, csr.signature)
     except UnsupportedAlgorithm as exc:
         raise ScepFailure(FailInfo.badAlg, f"CSR: {_one_line(exc)}") from None
     except ValueError as exc:

@@ -145,6 +145,9 @@ def test_control_characters_and_long_names_are_refused(appliance_factory):
     certs = get_ca_certs(app.url, app.ca_pem)
     for user in CONTROL_NAMES:
         status, rep, cert = _enroll(app, certs, user)
+        if len(user.encode()) > 253:  # more than a RADIUS User-Name holds: refused before any authentication
+            assert status == 400 and rep is None, (user[:20], status)
+            continue
         assert status == 200 and rep.pki_status == scep.PkiStatus.FAILURE and cert is None, (user[:20], status)
         assert rep.fail_info == FailInfo.badRequest
     for user in LINE_BREAK_NAMES:

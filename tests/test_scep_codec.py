@@ -580,6 +580,34 @@ def test_csr_proof_of_possession(csr):
             scep.parse_csr(bad)
 
 
+@needs_openssl
+def test_csr_signature_algorithms_made_by_openssl(tmp_path):
+    """Older SCEP clients sign their CSR with SHA-1: accepted on every path (a v1 CSR was refused as a bad
+    signature, while a v2 one passed). MD5 and an id-RSASSA-PSS key (which the certificate would carry as plain
+    rsaEncryption) are badAlg."""
+    def csr(keyalg, digest):
+        key = tmp_path / f"{keyalg}.pem"
+        if not key.exists():
+            assert subprocess.run(["openssl", "genpkey", "-algorithm", keyalg, "-pkeyopt", "rsa_keygen_bits:2048",
+                                   "-out", str(key)], capture_output=True).returncode == 0
+        p = subprocess.run(["openssl", "req", "-new", f"-{digest}", "-key", str(key), "-subj", "/CN=x",
+                            "-outform", "DER"], capture_output=True)
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+    sha1 = csr("RSA", "sha1")
+    assert scep.parse_csr(sha1).signature_algorithm_oid.dotted_string == "1.2.840.113549.1.1.5"
+    tampered = bytearray(sha1)
+    tampered[-5] ^= 0x01
+    with pytest.raises(ScepFailure) as caught:
+        scep.parse_csr(bytes(tampered))
+    assert caught.value.fail_info == FailInfo.badMessageCheck
+    for der, why in ((csr("RSA", "md5"), "unsupported CSR signature algorithm 1.2.840.113549.1.1.4"),
+                     (csr("RSA-PSS", "sha256"), "RSASSA-PSS keys (id-RSASSA-PSS) are not supported")):
+        with pytest.raises(ScepFailure) as caught:
+            scep.parse_csr(der)
+        assert caught.value.fail_info == FailInfo.badAlg and why in caught.value.text
+
+
 def test_transaction_id(client, ec_client):
     tid = scep.new_transaction_id(client.key.public_key())
     assert tid == scep.new_transaction_id(client.cert.public_key())  # same key, same ID
