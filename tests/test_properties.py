@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import fuzztargets
 from getcertd import config, radius, scep, web
-from getcertd.errors import ConfigError, MalformedRequest
+from getcertd.errors import AuthenticationRequired, ConfigError, MalformedRequest
 
 SCEP_TYPED = fuzztargets.TYPED["scep"]
 QUERY_TYPED = fuzztargets.TYPED["query"]
@@ -405,7 +405,10 @@ def test_basic_credentials(header):
     try:
         result = web.parse_basic(header)
     except web.HttpError as e:
-        assert e.code in (400, 401)
+        assert e.code == 400
+        return
+    except AuthenticationRequired:  # 401 with WWW-Authenticate: another scheme than Basic
+        assert header.strip().split(b" ")[0].lower() != b"basic"
         return
     assert result is None or (isinstance(result[0], str) and isinstance(result[1], bytes))
 
