@@ -125,8 +125,9 @@ class Throttle:
     ``lockout`` seconds. A key forgets its failures after ``forget`` seconds without one. Unknown users are
     throttled exactly like known ones, so the answers reveal nothing. Layer 1: time is passed in.
 
-    Attempts still being decided count as failures until they are (``begin`` / ``end``): without that, guesses
-    sent in parallel all passed ``wait`` before the first of them failed.
+    Attempts still being decided count as failures until they are (``begin`` / ``end``): while ``busy``, the
+    caller holds the next attempt back until one ends (without that, guesses sent in parallel all passed
+    ``wait`` before the first of them failed).
     """
 
     def __init__(self, free=5, max_wait=300.0, lockout_after=20, lockout=900.0, forget=3600.0, max_keys=100000):
@@ -142,9 +143,6 @@ class Throttle:
         if count and now - last > self.forget:
             del self._failures[key]
             count = 0
-        pending = self._in_flight.get(key, 0)
-        if pending and count + pending >= self.free:
-            return 1.0  # no more than the free attempts undecided at once: ask again when they are
         if count >= self.lockout_after:
             delay = self.lockout
         elif count >= self.free:
@@ -152,6 +150,11 @@ class Throttle:
         else:
             return 0.0
         return max(0.0, last + delay - now)
+
+    def busy(self, key) -> bool:
+        """Whether the attempts in flight, counted as failures, would use up the free ones."""
+        pending = self._in_flight.get(key, 0)
+        return pending > 0 and self._failures.get(key, (0, 0))[0] + pending >= self.free
 
     def begin(self, key) -> None:
         self._in_flight[key] = self._in_flight.get(key, 0) + 1

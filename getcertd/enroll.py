@@ -75,6 +75,7 @@ class EnrollmentService:
         self.address_throttle = address_throttle or Throttle(free=20, lockout_after=60)
         self.stats = stats
         self._in_flight = {}  # transactionID -> Deferred of the certificate being issued
+        self._turns = {}  # (throttle, key) -> Deferreds of logins waiting for one of that key's attempts to end
         self._pending_users = {}  # user -> issues in progress, counted against the per-user limits
         self._pending_serials = set()
 
@@ -310,28 +311,40 @@ class EnrollmentService:
         challenge again instead of rejecting)."""
         user_key = throttle_key(user)
         checks = ((self.throttle, user_key), (self.address_throttle, client))
-        wait = max(throttle.wait(key, self.clock.seconds()) for throttle, key in checks)
-        if wait > 0:
-            self._count("auth", self.authenticator.name, "throttled")
-            raise Throttled(wait)
+        while True:
+            wait = max(throttle.wait(key, self.clock.seconds()) for throttle, key in checks)
+            if wait > 0:
+                self._count("auth", self.authenticator.name, "throttled")
+                raise Throttled(wait)
+            busy = next(((throttle, key) for throttle, key in checks if throttle.busy(key)), None)
+            if busy is None:
+                break
+            # As many attempts in flight as free failures are left: this one waits for one of them to end
+            # (a guess sent alongside others is counted after them; a user's parallel logins just queue).
+            turn = defer.Deferred()
+            self._turns.setdefault(busy, []).append(turn)
+            await turn
         for throttle, key in checks:
             throttle.begin(key)
         try:
             result = await self.authenticator.authenticate(user, password, state, client)
-        finally:
+            if isinstance(result, Reject) or isinstance(result, Challenge) and state is not None:
+                now = self.clock.seconds()
+                failures = self.throttle.failure(user_key, now)
+                if failures == self.throttle.lockout_after:
+                    log.warn("user {user!r} is locked out for {seconds:.0f} s after {n} failed logins (the "
+                             "manhole's throttled.clear(user) ends it)", user=user, seconds=self.throttle.lockout,
+                             n=failures)
+                if self.address_throttle.failure(client, now) == self.address_throttle.lockout_after:
+                    log.warn("{client} is locked out for {seconds:.0f} s after {n} failed logins", client=client,
+                             seconds=self.address_throttle.lockout, n=self.address_throttle.lockout_after)
+            elif isinstance(result, Accept):
+                self.throttle.success(user_key)  # an address's failures only fade with time
+        finally:  # counted first, then the logins held back look again
             for throttle, key in checks:
                 throttle.end(key)
-        if isinstance(result, Reject) or isinstance(result, Challenge) and state is not None:
-            now = self.clock.seconds()
-            failures = self.throttle.failure(user_key, now)
-            if failures == self.throttle.lockout_after:
-                log.warn("user {user!r} is locked out for {seconds:.0f} s after {n} failed logins (the manhole's "
-                         "throttled.clear(user) ends it)", user=user, seconds=self.throttle.lockout, n=failures)
-            if self.address_throttle.failure(client, now) == self.address_throttle.lockout_after:
-                log.warn("{client} is locked out for {seconds:.0f} s after {n} failed logins", client=client,
-                         seconds=self.address_throttle.lockout, n=self.address_throttle.lockout_after)
-        elif isinstance(result, Accept):
-            self.throttle.success(user_key)  # an address's failures only fade with time
+                for turn in self._turns.pop((throttle, key), ()):
+                    turn.callback(None)
         return result
 
     def _challenge_user(self, csr) -> str:

@@ -199,19 +199,20 @@ def test_throttle_backs_off_exponentially_then_locks_out():
 
 
 def test_throttle_counts_attempts_in_flight():
-    """Guesses sent in parallel: only the free ones are let through before any of them is decided."""
+    """Guesses sent in parallel: only as many as free failures are left may be undecided at once."""
     from getcertd.auth import Throttle
     t = Throttle(free=3, max_wait=100, lockout_after=8, lockout=900, forget=3600)
     for _ in range(3):
-        assert t.wait("alice", 0) == 0
+        assert not t.busy("alice") and t.wait("alice", 0) == 0
         t.begin("alice")
-    assert t.wait("alice", 0) == 1.0 and t.wait("bob", 0) == 0
+    assert t.busy("alice") and not t.busy("bob")
     t.end("alice")
     t.failure("alice", 0)
-    assert t.wait("alice", 0) == 1.0  # 1 failure + 2 undecided
+    assert t.busy("alice")  # 1 failure + 2 undecided
     for _ in range(2):
         t.end("alice")
         t.failure("alice", 0)
+    assert not t.busy("alice")
     assert t.wait("alice", 0) == 1 and t.wait("alice", 1) == 0  # the exponential delay after 3 failures
     assert t.waiting(0) == {"alice": 1} and t.clear("alice") and t.wait("alice", 0) == 0 and not t.clear("alice")
 
