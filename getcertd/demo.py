@@ -4,6 +4,7 @@ import argparse
 import datetime
 import os
 import secrets
+import shlex
 import shutil
 import sys
 
@@ -34,15 +35,16 @@ lifetime = 1h
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="getcertd-demo")
     ap.add_argument("--dir", default="demo")
-    ap.add_argument("--port", type=int, default=8443)
+    ap.add_argument("--port", type=int, help="HTTPS port on 127.0.0.1 (8443 the first time; given again, it "
+                                             "replaces the one in DIR/getcertd.ini)")
     ap.add_argument("--no-run", action="store_true", help="prepare and print, don't start twistd")
     args = ap.parse_args(argv)
     d = os.path.abspath(args.dir)
     os.makedirs(d, mode=0o700, exist_ok=True)
     ini = os.path.join(d, "getcertd.ini")
-    if not os.path.exists(ini):
+    if not os.path.exists(ini) or args.port is not None:
         with open(ini, "w") as f:
-            f.write(DEMO_INI.format(dir=d, port=args.port))
+            f.write(DEMO_INI.format(dir=d, port=args.port or 8443))
     with open(ini) as f:
         config = parse_config(f.read(), ini)
     users_path, pw_path = os.path.join(d, "users"), os.path.join(d, "demo-password")
@@ -58,6 +60,7 @@ def main(argv=None):
     port = config.https_listen.split(":")[1]
     bindir = os.path.dirname(sys.executable)
     url = f"https://localhost:{port}/scep"
+    q = shlex.quote
     print(f"""
 getcertd demo
   SCEP URL:        {url}
@@ -65,8 +68,9 @@ getcertd demo
   CA fingerprint:  sha256:{fp}
   account:         demo (password in {pw_path})
 Enroll from another terminal:
-  {bindir}/getcert enroll --url {url} --user demo --password-stdin --ca-fingerprint sha256:{fp} --out {d}/client < {pw_path}
-Starting: twistd -n getcertd --config {ini}   (Ctrl-C stops it)
+  {q(os.path.join(bindir, "getcert"))} enroll --url {url} --user demo --password-stdin --ca-fingerprint sha256:{fp} \\
+      --out {q(os.path.join(d, "client"))} < {q(pw_path)}
+Starting: twistd -n getcertd --config {q(ini)}   (Ctrl-C stops it)
 """, flush=True)
     if args.no_run:
         return 0

@@ -197,7 +197,9 @@ class KeyHelpers(service.Service):
         self.stats = stats  # counts ("key_helper_restarted",)
         self._material = material
         self.size = max(1, size or os.cpu_count() or 1)
-        self._argv = argv or [sys.executable, "-m", "getcertd.keyhelper"]
+        # -P and "/": "-m" would otherwise put the working directory first on the path, and a getcertd/ there
+        # (a checkout, anything in the directory twistd was started from) would be run and sent the keys.
+        self._argv = argv or [sys.executable, "-P", "-m", "getcertd.keyhelper"]
         self.helpers = []
         self._next_id = 0
         self._stopping = False
@@ -218,7 +220,7 @@ class KeyHelpers(service.Service):
         read_jobs, write_results = helper.child_fds
         try:
             self.reactor.spawnProcess(helper, self._argv[0], self._argv, env=None,  # None: our environment
-                                      childFDs={0: read_jobs, 1: write_results, 2: "r"})
+                                      path="/", childFDs={0: read_jobs, 1: write_results, 2: "r"})
         except OSError as e:  # no process could be made (out of memory, of processes): try again later
             for fd in helper.child_fds + [helper.job_write, helper.result_read]:
                 os.close(fd)

@@ -51,10 +51,19 @@ def load_config(path: str):
 
 
 def ensure_state_dir(path: str) -> None:
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    st = os.stat(path)
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        os.chmod(path, 0o700)
+    """Make ``state_dir`` (0700), or check the one there: ours, and closed to others (narrowed to 0700 if it
+    was open). ConfigError (one line) when it can't be made or is someone else's: a state_dir = /var/lib by
+    mistake must not have /var/lib narrowed."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.stat(path)
+        if st.st_uid != os.geteuid():
+            raise ConfigError(f"[getcertd] state_dir {path} belongs to uid {st.st_uid}, not to this user "
+                              f"({os.geteuid()}): give getcertd a directory of its own")
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            os.chmod(path, 0o700)
+    except OSError as e:
+        raise ConfigError(f"[getcertd] state_dir {path}: {e.strerror}") from None
 
 
 def write_file(path: str, data: bytes, mode: int) -> None:

@@ -307,6 +307,60 @@ def test_credentials_that_cannot_be_names_or_basic_get_one_clear_answer(app):
         and body == b"only Basic authentication is supported\n"
 
 
+def test_key_helpers_do_not_run_code_from_the_working_directory(tmp_path):
+    """twistd started from a directory holding a getcertd/ (a checkout, a download): `python -m` put the working
+    directory first on the helpers' path, so its keyhelper.py ran as the appliance's user and read the keys."""
+    from appliance import Appliance
+    (tmp_path / "app").mkdir()
+    app = Appliance(tmp_path / "app", None, {"alice": "alice pass"})
+    fake = tmp_path / "app" / "getcertd"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "keyhelper.py").write_text(f"import sys\nopen({str(tmp_path / 'ran')!r}, 'wb').write(sys.stdin.buffer.read(64))\n")
+    app.start()
+    try:
+        p = app.getcert("alice", ["alice pass"], tmp_path / "out")
+        assert p.returncode == 0, p.stderr
+    finally:
+        app.stop()
+    assert not (tmp_path / "ran").exists()
+
+
+def test_the_demo_prints_an_enroll_command_that_works_as_printed(tmp_path):
+    """The Quick start's first command ends in `python -m getcertd.demo`: it must start the appliance and print
+    a getcert line that enrolls when pasted into a shell, even from a directory whose name has a space."""
+    import signal
+    import socket
+    import time
+    from appliance import free_port
+    d, port = tmp_path / "demo dir", free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "getcertd.demo", "--dir", str(d), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        lines = []
+        while not lines or not lines[-1].startswith("Starting:"):
+            line = proc.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        text = "".join(lines)
+        command = text[text.index("Enroll from another terminal:\n") + 30:text.index("Starting:")]
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, text
+                time.sleep(0.1)
+        p = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, (command, p.stdout, p.stderr)
+        cert = x509.load_pem_x509_certificate((d / "client" / "cert.pem").read_bytes())
+        assert cert.subject.rfc4514_string() == "CN=demo,OU=remote-access,O=getcertd"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
 def test_passphrase_encrypted_ca_key(appliance_factory, tmp_path):
     pw = tmp_path / "ca-pass"
     pw.write_text("correct horse battery staple\n")
@@ -335,6 +389,16 @@ def test_start_up_problems_are_one_line_without_traceback(tmp_path):
                        capture_output=True, text=True, timeout=60, cwd=tmp_path)
     out = p.stdout + p.stderr
     assert p.returncode != 0 and "key_passphrase_file" in out and "Traceback" not in out, out
+    if os.geteuid() == 0:  # someone else's directory: refused, not narrowed to 0700
+        other = tmp_path / "other"
+        other.mkdir(mode=0o755)
+        os.chown(other, 65534, 65534)
+        conf.write_text(f"[getcertd]\nstate_dir = {other}\n[auth]\nusers = {tmp_path}/u\n")
+        p = subprocess.run([tool("twistd"), "-n", "--pidfile", "", "getcertd", "--config", str(conf)],
+                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        out = p.stdout + p.stderr
+        assert p.returncode != 0 and f"state_dir {other} belongs to uid 65534" in out and "Traceback" not in out, out
+        assert stat.S_IMODE(os.stat(other).st_mode) == 0o755
     conf.write_text("[getcertd]\nstate_dir = /tmp/x\n[nosuch]\n")
     p = subprocess.run([tool("twistd"), "-n", "--pidfile", "", "getcertd", "--config", str(conf)],
                        capture_output=True, text=True, timeout=60, cwd=tmp_path)
