@@ -265,7 +265,7 @@ def test_helpers_do_jobs_in_their_own_processes_and_end_with_the_service(materia
             assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, mine + NICENESS)
         for pid in pids:  # the keys travel through a pipe: not in the arguments or the environment
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                assert f.read().split(b"\0")[1:3] == [b"-m", b"getcertd.keyhelper"]
+                assert f.read().split(b"\0")[1:4] == [b"-P", b"-m", b"getcertd.keyhelper"]
             with open(f"/proc/{pid}/environ", "rb") as f:
                 assert b"PRIVATE" not in f.read()
     finally:
