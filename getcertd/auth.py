@@ -125,16 +125,17 @@ class Throttle:
     ``lockout`` seconds. A key forgets its failures after ``forget`` seconds without one. Unknown users are
     throttled exactly like known ones, so the answers reveal nothing. Layer 1: time is passed in.
 
-    Attempts still being decided count as failures until they are (``begin`` / ``end``): while ``busy``, the
-    caller holds the next attempt back until one ends (without that, guesses sent in parallel all passed
-    ``wait`` before the first of them failed).
+    Attempts still being decided count as failures until they are (``begin`` / ``end``), one per distinct
+    ``attempt`` (an opaque tag of the password tried): while ``busy``, the caller holds a new guess back until
+    one ends. Without that, guesses sent in parallel all passed ``wait`` before the first of them failed; the
+    same password sent many times at once (a client's retries, several devices) is one attempt, not a queue.
     """
 
     def __init__(self, free=5, max_wait=300.0, lockout_after=20, lockout=900.0, forget=3600.0, max_keys=100000):
         self.free, self.max_wait, self.lockout_after = free, max_wait, lockout_after
         self.lockout, self.forget, self.max_keys = lockout, forget, max_keys
         self._failures = {}  # key -> (count, last failure time)
-        self._in_flight = {}  # key -> attempts begun and not yet ended
+        self._in_flight = {}  # key -> {attempt: how many of it begun and not yet ended}
 
     def wait(self, key, now: float) -> float:
         """Seconds ``key`` must still wait before it may try again (0 when it may)."""
@@ -151,18 +152,24 @@ class Throttle:
             return 0.0
         return max(0.0, last + delay - now)
 
-    def busy(self, key) -> bool:
-        """Whether the attempts in flight, counted as failures, would use up the free ones."""
-        pending = self._in_flight.get(key, 0)
-        return pending > 0 and self._failures.get(key, (0, 0))[0] + pending >= self.free
+    def busy(self, key, attempt) -> bool:
+        """Whether a new ``attempt`` must wait: the distinct attempts in flight, counted as failures, would use up
+        the free ones (an attempt already in flight is no new guess)."""
+        pending = self._in_flight.get(key)
+        return bool(pending) and attempt not in pending and \
+            self._failures.get(key, (0, 0))[0] + len(pending) >= self.free
 
-    def begin(self, key) -> None:
-        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+    def begin(self, key, attempt) -> None:
+        pending = self._in_flight.setdefault(key, {})
+        pending[attempt] = pending.get(attempt, 0) + 1
 
-    def end(self, key) -> None:
-        left = self._in_flight.pop(key) - 1
-        if left:
-            self._in_flight[key] = left
+    def end(self, key, attempt) -> None:
+        pending = self._in_flight[key]
+        pending[attempt] -= 1
+        if not pending[attempt]:
+            del pending[attempt]
+            if not pending:
+                del self._in_flight[key]
 
     def failure(self, key, now: float) -> int:
         """Count a failure; return the key's failures so far."""

@@ -6,6 +6,9 @@ answered at the HTTP level (malformed input, authentication needed, backend or j
 propagate to getcertd.web, which maps them to status codes.
 """
 import datetime
+import hashlib
+import hmac
+import os
 import secrets
 from dataclasses import dataclass, field
 from typing import Optional
@@ -76,6 +79,7 @@ class EnrollmentService:
         self.stats = stats
         self._in_flight = {}  # transactionID -> Deferred of the certificate being issued
         self._turns = {}  # (throttle, key) -> Deferreds of logins waiting for one of that key's attempts to end
+        self._attempt_key = os.urandom(32)  # tags the passwords in flight (Throttle.busy) without keeping them
         self._pending_users = {}  # user -> issues in progress, counted against the per-user limits
         self._pending_serials = set()
 
@@ -311,12 +315,13 @@ class EnrollmentService:
         challenge again instead of rejecting)."""
         user_key = throttle_key(user)
         checks = ((self.throttle, user_key), (self.address_throttle, client))
+        attempt = hmac.new(self._attempt_key, user_key.encode() + b"\0" + password, hashlib.sha256).digest()
         while True:
             wait = max(throttle.wait(key, self.clock.seconds()) for throttle, key in checks)
             if wait > 0:
                 self._count("auth", self.authenticator.name, "throttled")
                 raise Throttled(wait)
-            busy = next(((throttle, key) for throttle, key in checks if throttle.busy(key)), None)
+            busy = next(((throttle, key) for throttle, key in checks if throttle.busy(key, attempt)), None)
             if busy is None:
                 break
             # As many attempts in flight as free failures are left: this one waits for one of them to end
@@ -325,7 +330,7 @@ class EnrollmentService:
             self._turns.setdefault(busy, []).append(turn)
             await turn
         for throttle, key in checks:
-            throttle.begin(key)
+            throttle.begin(key, attempt)
         try:
             result = await self.authenticator.authenticate(user, password, state, client)
             if isinstance(result, Reject) or isinstance(result, Challenge) and state is not None:
@@ -342,7 +347,7 @@ class EnrollmentService:
                 self.throttle.success(user_key)  # an address's failures only fade with time
         finally:  # counted first, then the logins held back look again
             for throttle, key in checks:
-                throttle.end(key)
+                throttle.end(key, attempt)
                 for turn in self._turns.pop((throttle, key), ()):
                     turn.callback(None)
         return result

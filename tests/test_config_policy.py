@@ -199,20 +199,24 @@ def test_throttle_backs_off_exponentially_then_locks_out():
 
 
 def test_throttle_counts_attempts_in_flight():
-    """Guesses sent in parallel: only as many as free failures are left may be undecided at once."""
+    """Guesses sent in parallel: only as many distinct ones as free failures are left may be undecided at once;
+    the same password sent many times at once is one attempt."""
     from getcertd.auth import Throttle
     t = Throttle(free=3, max_wait=100, lockout_after=8, lockout=900, forget=3600)
-    for _ in range(3):
-        assert not t.busy("alice") and t.wait("alice", 0) == 0
-        t.begin("alice")
-    assert t.busy("alice") and not t.busy("bob")
-    t.end("alice")
+    for guess in ("g1", "g2", "g3"):
+        assert not t.busy("alice", guess) and t.wait("alice", 0) == 0
+        t.begin("alice", guess)
+    assert t.busy("alice", "g4") and not t.busy("alice", "g1") and not t.busy("bob", "g4")
+    t.begin("alice", "g1")  # a second g1 shares the first one's place
+    t.end("alice", "g1")
+    assert t.busy("alice", "g4")
+    t.end("alice", "g1")
     t.failure("alice", 0)
-    assert t.busy("alice")  # 1 failure + 2 undecided
-    for _ in range(2):
-        t.end("alice")
+    assert t.busy("alice", "g4")  # 1 failure + 2 undecided
+    for guess in ("g2", "g3"):
+        t.end("alice", guess)
         t.failure("alice", 0)
-    assert not t.busy("alice")
+    assert not t.busy("alice", "g4")
     assert t.wait("alice", 0) == 1 and t.wait("alice", 1) == 0  # the exponential delay after 3 failures
     assert t.waiting(0) == {"alice": 1} and t.clear("alice") and t.wait("alice", 0) == 0 and not t.clear("alice")
 
