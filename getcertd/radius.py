@@ -283,6 +283,15 @@ def interpret_reply(reply: RadiusReply, user: str, challenged: bool,
         timeouts = reply.attributes.get("Session-Timeout", ())
         if not all(isinstance(t, int) for t in timeouts):
             return Reject("Access-Accept with a Session-Timeout that is not a 4-octet integer")
+        # A User-Name in the Accept is the name the server knows the user by (RFC 2865 5.1: the NAS uses it from
+        # then on): a directory that ignores case or strips a realm says "alice" for ALICE and alice@EXAMPLE, so
+        # they are one user here too (one subject, one per-user limit).
+        named = reply.first("User-Name")
+        if named is not None:
+            named = _text(named)
+            if not named or not named.isprintable():
+                return Reject("Access-Accept with a User-Name that can't name a user")
+            user = named
         return Accept(Identity(
             user=user,
             method="radius-challenge" if challenged else "radius-pap",

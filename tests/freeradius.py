@@ -74,6 +74,8 @@ DEFAULT_USERS: Tuple[User, ...] = (
     # an Accept with a Class of the server's own first (as Microsoft NPS adds) and two Session-Timeouts
     User("hank", "hank-pass", reply=(("Class", "0x00014e50530001"), ("Class", '"ikev2-short"'),
                                      ("Session-Timeout", "7200"), ("Session-Timeout", "300"))),
+    # a directory that ignores case: the Accept names the user as it knows them
+    User("IVAN", "ivan-pass", reply=(("User-Name", '"ivan"'),)),
     # a token server that answers a wrong code with another challenge
     User("gina", "gina-pass", tokens=("777777",), prompts=("Enter token code",), rechallenge=True),
 )

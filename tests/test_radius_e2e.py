@@ -97,6 +97,10 @@ def test_session_timeout_and_class_feed_policy_and_bind_renewals(appliance_facto
     assert hank.subject.rfc4514_string() == "CN=hank,OU=short,O=getcertd"
     life = hank.not_valid_after_utc - hank.not_valid_before_utc - datetime.timedelta(minutes=2)
     assert datetime.timedelta(seconds=200) < life <= datetime.timedelta(seconds=300), life
+    # the name the server answers with (User-Name in the Accept) names the certificate
+    p = app.getcert("IVAN", ["ivan-pass"], tmp_path / "i")
+    assert p.returncode == 0, p.stderr
+    assert cert_of(tmp_path / "i").subject.rfc4514_string() == "CN=ivan,OU=remote-access,O=getcertd"
     # A SCEP RenewalReq signed by that certificate, without credentials, and a renewal of the renewal: the same
     # profile and at most the same lifetime, as EST's simplereenroll (not the default profile's 8 hours).
     key = serialization.load_pem_private_key((tmp_path / "d" / "key.pem").read_bytes(), None)

@@ -298,6 +298,17 @@ def test_filter_id_profile_and_bad_utf8_class():
     assert out[0].identity.session_timeout is None
 
 
+def test_the_accepts_user_name_is_the_identity():
+    proto, _, transport = make()
+    out = results(RadiusAuthenticator(proto).authenticate("ALICE@Example.COM", b"p", None, CLIENT))
+    proto.datagramReceived(reply_to(transport.written[0][0], ACCESS_ACCEPT, [("User-Name", "alice")]), A)
+    assert out[0].identity.user == "alice"
+    proto, _, transport = make()
+    out = results(RadiusAuthenticator(proto).authenticate("bob", b"p", None, CLIENT))
+    proto.datagramReceived(reply_to(transport.written[0][0], ACCESS_ACCEPT, [(1, b"bo\nb")]), A)
+    assert isinstance(out[0], Reject) and "User-Name" in out[0].reason
+
+
 def test_every_class_value_and_the_shortest_session_timeout():
     """Microsoft NPS adds a Class of its own to every Accept: each value is kept, in order, for the policy to find
     the one profile_map names; of several Session-Timeouts the shortest caps; one that can't be read is no
