@@ -16,6 +16,7 @@ Lowest layer first:
   adds :func:`listener_service` to its MultiService.
 * :class:`RadiusAuthenticator`: the :class:`getcertd.auth.IAuthenticator` on top of it.
 """
+import dataclasses
 import hashlib
 import hmac
 import io
@@ -85,6 +86,7 @@ class RadiusReply:
     code: int
     identifier: int
     attributes: Mapping[str, Tuple] = field(default_factory=dict)
+    server: Optional[str] = None  # the label of the server that sent it (set by the client protocol)
 
     @property
     def code_name(self) -> str:
@@ -612,12 +614,13 @@ class RadiusClientProtocol(DatagramProtocol):
         self._cancel_timer(request)
         self._release(request)
         request.done = True
-        request.deferred.callback(reply)
+        request.deferred.callback(dataclasses.replace(reply, server=server.label))
 
     # -- API --------------------------------------------------------------------------------------
 
-    def send_access_request(self, attributes: Sequence[Tuple[str, Any]]) -> defer.Deferred:
-        """Send an Access-Request with ``attributes`` (see :func:`encode_access_request`).
+    def send_access_request(self, attributes: Sequence[Tuple[str, Any]], server: Optional[str] = None) -> defer.Deferred:
+        """Send an Access-Request with ``attributes`` (see :func:`encode_access_request`); with ``server`` (a
+        label), to that server only, up or marked dead (an answer to its challenge: no other has the State).
 
         Returns a Deferred that fires with the verified :class:`RadiusReply`, or fails with
         AuthUnavailable when no server answered. Raises ValueError at once if the attributes can't be
@@ -635,6 +638,8 @@ class RadiusClientProtocol(DatagramProtocol):
 
         request = _Request(attributes, defer.Deferred(cancel))
         request.deadline = self.clock.seconds() + self.bound
+        if server is not None:  # the others count as tried
+            request.tried.update(s.address for s in self._servers if s.label != server)
         if not self._running or self.transport is None:
             self._fail(request, AuthUnavailable("RADIUS client is not running"))
         else:
@@ -642,11 +647,11 @@ class RadiusClientProtocol(DatagramProtocol):
         return request.deferred
 
     def access_request(self, user: str, password: Union[bytes, str], state: Optional[bytes] = None,
-                       calling_station_id: Optional[str] = None) -> defer.Deferred:
+                       calling_station_id: Optional[str] = None, server: Optional[str] = None) -> defer.Deferred:
         """Send an Access-Request for ``user``, with this client's NAS-Identifier and NAS address."""
         return self.send_access_request(access_request_attributes(
             user, password, state, calling_station_id,
-            self.settings.nas_identifier, self.settings.nas_ip_address))
+            self.settings.nas_identifier, self.settings.nas_ip_address), server)
 
     @property
     def bound(self) -> float:
@@ -809,10 +814,20 @@ class RadiusAuthenticator:
         self.protocol = protocol
 
     def authenticate(self, user: str, password: bytes, state: Optional[bytes], client: str) -> defer.Deferred:
-        challenged = bool(state)
+        """``state`` (from a Challenge of ours) is the RADIUS State with the label of the server that sent it in
+        front: the answer goes to that server alone."""
+        server = None
+        if state:
+            server, state = state[1:1 + state[0]].decode(), state[1 + state[0]:]
         try:
-            d = self.protocol.access_request(user, password, state or None, client or None)
+            d = self.protocol.access_request(user, password, state or None, client or None, server)
         except ValueError as e:
             return defer.succeed(Reject(f"request can't be sent over RADIUS: {e}"))
-        d.addCallback(interpret_reply, user, challenged, self.protocol.settings.profile_attribute)
-        return d
+
+        def interpret(reply):
+            result = interpret_reply(reply, user, server is not None, self.protocol.settings.profile_attribute)
+            if isinstance(result, Challenge):
+                label = reply.server.encode()
+                result = Challenge(result.message, bytes([len(label)]) + label + result.state)
+            return result
+        return d.addCallback(interpret)

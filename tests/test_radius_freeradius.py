@@ -189,7 +189,8 @@ async def test_challenge_one_round(freeradius):
         # a wrong token, and a right token with a State the server never issued
         challenge = await client.authenticate("bob", b"bob-pass")
         assert isinstance(await client.authenticate("bob", b"654321", challenge.state), Reject)
-        assert isinstance(await client.authenticate("bob", b"123456", b"\x00" * 16), Reject)
+        forged = challenge.state[:1 + challenge.state[0]] + b"\x00" * 16  # our server label, a State it never sent
+        assert isinstance(await client.authenticate("bob", b"123456", forged), Reject)
         # a wrong first password gets no challenge
         assert isinstance(await client.authenticate("bob", b"wrong"), Reject)
         assert client.server(0)["challenges"] == 2

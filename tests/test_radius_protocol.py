@@ -342,14 +342,37 @@ def test_challenge_and_continuation():
     out = results(auth.authenticate("bob", b"bob-pass", None, CLIENT))
     proto.datagramReceived(reply_to(transport.written[0][0], ACCESS_CHALLENGE, [
         ("Reply-Message", "Enter "), ("Reply-Message", "token code"), ("State", b"\x00state\xff")]), A)
-    assert out == [Challenge("Enter token code", b"\x00state\xff")]
-    out = results(auth.authenticate("bob", b"123456", b"\x00state\xff", CLIENT))
+    # the opaque state: the label of the server that sent the challenge, then its State
+    assert out == [Challenge("Enter token code", b"\x0f192.0.2.10:1812\x00state\xff")]
+    out = results(auth.authenticate("bob", b"123456", out[0].state, CLIENT))
     datagram = transport.written[1][0]
     attrs = parse_request(datagram)[3]
     assert attr(attrs, 24) == [b"\x00state\xff"]
     proto.datagramReceived(reply_to(datagram, ACCESS_ACCEPT), A)
     assert out[0].identity.method == "radius-challenge"
     assert server_status(proto)["challenges"] == 1
+
+
+def test_a_response_goes_to_the_server_that_challenged():
+    """Only the server that sent a State knows it: a response goes there even when another is first in line
+    again (it went to A, which rejected the unknown State, a failed login)."""
+    proto, clock, transport = make(servers=(A, B), timeout=1, retries=0, dead_time=30)
+    auth = RadiusAuthenticator(proto)
+    out = results(auth.authenticate("bob", b"bob-pass", None, CLIENT))
+    clock.advance(1)  # A does not answer: marked dead, B challenges
+    datagram, addr = transport.written[-1]
+    assert addr == B
+    proto.datagramReceived(reply_to(datagram, ACCESS_CHALLENGE, [("State", b"st")]), B)
+    clock.advance(30)  # A is up again, first in line
+    assert proto.status()["servers"][0]["state"] == "up"
+    transport.written.clear()
+    out = results(auth.authenticate("bob", b"123456", out[0].state, CLIENT))
+    assert [addr for _, addr in transport.written] == [B] and attr(parse_request(transport.written[0][0])[3], 24) == [b"st"]
+    proto.datagramReceived(reply_to(transport.written[0][0], ACCESS_ACCEPT), B)
+    assert isinstance(out[0], Accept)
+    out = results(auth.authenticate("bob", b"123456", b"\x0f192.0.2.11:1812st", CLIENT))
+    clock.advance(1)  # B silent now: unavailable, and never asked of A
+    assert [addr for _, addr in transport.written[1:]] == [B] and out[0].check(AuthUnavailable)
 
 
 def test_challenge_without_state_is_a_reject():
@@ -602,7 +625,7 @@ def test_logs_never_carry_passwords_or_state():
         proto, clock, transport = make(servers=(A, B), timeout=1, retries=0)
         auth = RadiusAuthenticator(proto)
         state = b"STATE-VALUE-1234"
-        results(auth.authenticate("bob", b"PASSWORD-VALUE", state, CLIENT))
+        results(auth.authenticate("bob", b"PASSWORD-VALUE", b"\x0f192.0.2.10:1812" + state, CLIENT))
         datagram = transport.written[0][0]
         proto.datagramReceived(reply_to(datagram, ACCESS_CHALLENGE, [("State", state)],
                                         with_message_authenticator=False), A)
