@@ -618,7 +618,8 @@ class RadiusClientProtocol(DatagramProtocol):
 
     # -- API --------------------------------------------------------------------------------------
 
-    def send_access_request(self, attributes: Sequence[Tuple[str, Any]], server: Optional[str] = None) -> defer.Deferred:
+    def send_access_request(self, attributes: Sequence[Tuple[str, Any]],
+                            server: Optional[str] = None) -> defer.Deferred:
         """Send an Access-Request with ``attributes`` (see :func:`encode_access_request`); with ``server`` (a
         label), to that server only, up or marked dead (an answer to its challenge: no other has the State).
 

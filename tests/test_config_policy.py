@@ -257,7 +257,8 @@ def test_validity_nests_in_the_cas():
     d = policy().decide(Identity("alice", "local"), RSA, NOW, CA_END, ca_not_before=ca_start)
     assert d.not_before == ca_start  # not the 2 minutes of skew before it
     with pytest.raises(ScepFailure) as caught:
-        policy().decide(Identity("alice", "local"), RSA, NOW, CA_END, ca_not_before=NOW + datetime.timedelta(minutes=10))
+        policy().decide(Identity("alice", "local"), RSA, NOW, CA_END,
+                        ca_not_before=NOW + datetime.timedelta(minutes=10))
     assert caught.value.fail_info == FailInfo.badTime and "not valid before" in caught.value.text
 
 

@@ -316,7 +316,8 @@ def test_key_helpers_do_not_run_code_from_the_working_directory(tmp_path):
     fake = tmp_path / "app" / "getcertd"
     fake.mkdir()
     (fake / "__init__.py").write_text("")
-    (fake / "keyhelper.py").write_text(f"import sys\nopen({str(tmp_path / 'ran')!r}, 'wb').write(sys.stdin.buffer.read(64))\n")
+    (fake / "keyhelper.py").write_text(
+        f"import sys\nopen({str(tmp_path / 'ran')!r}, 'wb').write(sys.stdin.buffer.read(64))\n")
     app.start()
     try:
         p = app.getcert("alice", ["alice pass"], tmp_path / "out")

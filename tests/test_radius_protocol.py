@@ -367,7 +367,8 @@ def test_a_response_goes_to_the_server_that_challenged():
     assert proto.status()["servers"][0]["state"] == "up"
     transport.written.clear()
     out = results(auth.authenticate("bob", b"123456", out[0].state, CLIENT))
-    assert [addr for _, addr in transport.written] == [B] and attr(parse_request(transport.written[0][0])[3], 24) == [b"st"]
+    assert [addr for _, addr in transport.written] == [B]
+    assert attr(parse_request(transport.written[0][0])[3], 24) == [b"st"]
     proto.datagramReceived(reply_to(transport.written[0][0], ACCESS_ACCEPT), B)
     assert isinstance(out[0], Accept)
     out = results(auth.authenticate("bob", b"123456", b"\x0f192.0.2.11:1812st", CLIENT))
