@@ -344,8 +344,9 @@ class ThrottleView:
 
     def __repr__(self):
         waiting = self.waiting()
-        lines = [f"{kind[:-1]} {key!r} must wait {seconds:.0f} s"
-                 for kind in ("users", "addresses") for key, seconds in sorted(waiting[kind].items())]
+        lines = [f"{label} {key!r} must wait {seconds:.0f} s"
+                 for kind, label in (("users", "user"), ("addresses", "address"))
+                 for key, seconds in sorted(waiting[kind].items())]
         return "\n".join(lines) or "no user name or address must wait"
 
 

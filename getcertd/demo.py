@@ -12,7 +12,6 @@ from twisted.logger import Logger
 
 from getcertd import state
 from getcertd.ca import fingerprint
-from getcertd.config import parse_config
 from getcertd.local import format_users, hash_password, parse_users
 
 DEMO_INI = """# getcertd demo configuration (see etc/getcertd.ini for every key)
@@ -45,8 +44,7 @@ def main(argv=None):
     if not os.path.exists(ini) or args.port is not None:
         with open(ini, "w") as f:
             f.write(DEMO_INI.format(dir=d, port=args.port or 8443))
-    with open(ini) as f:
-        config = parse_config(f.read(), ini)
+    config = state.load_config(ini)
     users_path, pw_path = os.path.join(d, "users"), os.path.join(d, "demo-password")
     users = parse_users(open(users_path).read()) if os.path.exists(users_path) else {}
     if "demo" not in users or not os.path.exists(pw_path):

@@ -444,3 +444,16 @@ def test_a_lost_ca_key_is_not_replaced_by_a_new_ca(tmp_path):
     with pytest.raises(ConfigError, match="the CA key .* is missing, but its certificate .* is there"):
         state.load_or_create_ca(config, now, Logger())
     assert x509.load_pem_x509_certificate((tmp_path / "ca.pem").read_bytes()) == first.certificate
+
+
+def test_the_manhole_names_users_and_addresses_that_must_wait():
+    from getcertd.admin_ns import ThrottleView
+    from getcertd.auth import Throttle, throttle_key
+    clock = Clock()
+    users, addresses = Throttle(free=1), Throttle(free=1)
+    view = ThrottleView(users, addresses, clock, throttle_key)
+    assert repr(view) == "no user name or address must wait"
+    users.failure("alice", 0)
+    addresses.failure("192.0.2.7", 0)
+    assert repr(view) == "user 'alice' must wait 1 s\naddress '192.0.2.7' must wait 1 s"
+    assert view.clear("ALICE") == "'ALICE': failures of the user name forgotten"
