@@ -3,6 +3,13 @@ idle timeout, and a cap on concurrent connections answered with a clear 503.
 
 Twisted's HTTPChannel resets its timeout on every byte received, so a client trickling one header byte at a
 time would hold a connection forever; here each request must arrive whole within ``request_timeout``.
+
+A client that pipelines requests and never reads the answers: Twisted's HTTPChannel keeps answering the
+requests it has buffered while the transport's send buffer is full, and keeps reading more (27 MB of
+pipelined GetCACert grew the server to 1 GB). Here a channel whose transport asks it to pause stops parsing
+and reading until the transport drains, so one connection holds at most its send buffer and one answer.
+A connection told to close is aborted if it has not gone ``abortTimeout`` seconds later (a peer that never
+reads would otherwise hold its unsent answer forever).
 """
 import inspect
 
@@ -41,6 +48,7 @@ class GuardedChannel(http.HTTPChannel):
     _held = 0  # bytes of the current request counted in the site's ``held``
     _counted = False
     _between_requests = False
+    _abort_call = None
 
     def connectionMade(self):
         super().connectionMade()
@@ -67,6 +75,31 @@ class GuardedChannel(http.HTTPChannel):
         self._disarm()
         self.transport.write(_canned(code, reason, text, extra))
         self.transport.loseConnection()
+        self._abort_later()
+
+    def _abort_later(self):
+        """After loseConnection: abort ``abortTimeout`` seconds later if the unsent answer never goes out."""
+        if self._abort_call is None:
+            self._abort_call = self.callLater(self.abortTimeout, self.transport.abortConnection)
+
+    def _respondToBadRequestAndDisconnect(self):
+        super()._respondToBadRequestAndDisconnect()
+        self._abort_later()
+
+    def pauseProducing(self):
+        """The transport's send buffer is full: stop answering pipelined requests and stop reading."""
+        super().pauseProducing()
+        self.paused = True  # LineReceiver stops parsing what it has buffered
+        self._networkProducer.pauseProducing()
+
+    def resumeProducing(self):
+        super().resumeProducing()
+        if self.paused:
+            self.paused = False
+            if not self._handlingRequest:
+                self._networkProducer.resumeProducing()
+            if self._buffer and not self._rejected:
+                self.dataReceived(b"")  # go on with the pipelined requests already buffered
 
     def _hold(self, n) -> bool:
         """Count ``n`` more bytes of this request against the site's budget; False (and a 503) past it."""
@@ -138,6 +171,8 @@ class GuardedChannel(http.HTTPChannel):
 
     def connectionLost(self, reason):
         self._disarm()
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
         self._release()
         if self._counted:
             self._counted = False

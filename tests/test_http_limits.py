@@ -181,3 +181,94 @@ def test_bytes_held_by_requests_in_progress_are_capped_on_a_clock():
     assert tr4.value().startswith(b"HTTP/1.1 503") and len(held.requests) == 2
     fourth.connectionLost(None)
     assert site.held == 0
+
+
+class _Answers(resource.Resource):
+    isLeaf = True
+
+    def render(self, request):
+        return b"answer %s\n" % request.args.get(b"n", [b"?"])[0]
+
+
+class _FullAfterEachWrite(StringTransport):
+    """A transport whose send buffer fills with every answer until drained: it pauses its producer as a TCP or
+    TLS transport does when the peer stops reading."""
+    aborted = False
+
+    def write(self, data):
+        super().write(data)
+        if self.producer is not None:
+            self.producer.pauseProducing()
+
+    def abortConnection(self):
+        self.aborted = True
+
+
+def test_pipelined_requests_wait_while_the_peer_does_not_read():
+    """A client that pipelines requests and never reads the answers grew the server by 1 GB for 27 MB sent
+    (Twisted's HTTPChannel went on answering buffered requests into a full send buffer, and reading more). The
+    channel stops parsing and reading while its transport is paused and goes on when it drains."""
+    clock = Clock()
+    site = GuardedSite(_Answers(), reactor=clock)
+    ch = site.buildProtocol(None)
+    ch.callLater = clock.callLater
+    tr = _FullAfterEachWrite()
+    ch.makeConnection(tr)
+    ch.dataReceived(b"".join(b"GET /x?n=%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(5)))
+    assert tr.value().count(b"answer") == 1 and tr.producerState == "paused"
+    ch.dataReceived(b"GET /x?n=5 HTTP/1.1\r\nHost: x\r\n\r\n")  # what was in flight is buffered, not answered
+    assert tr.value().count(b"answer") == 1
+    for n in range(2, 7):
+        ch.resumeProducing()  # the peer read: one more answer, then the buffer is full again
+        assert tr.value().count(b"answer") == n
+    assert b"answer 5" in tr.value()
+    ch.resumeProducing()
+    assert tr.producerState == "producing"
+    ch.connectionLost(None)
+    assert site.active == 0
+
+
+def test_a_rejected_connection_that_never_drains_is_aborted():
+    clock = Clock()
+    site = GuardedSite(resource.Resource(), request_timeout=30, reactor=clock)
+    ch = site.buildProtocol(None)
+    ch.callLater = clock.callLater
+    tr = _FullAfterEachWrite()
+    ch.makeConnection(tr)
+    clock.advance(30)
+    assert tr.value().startswith(b"HTTP/1.1 408") and tr.disconnecting and not tr.aborted
+    clock.advance(ch.abortTimeout)
+    assert tr.aborted
+    ch.connectionLost(None)
+    assert site.active == 0 and not clock.getDelayedCalls()
+
+
+def test_a_client_pipelining_without_reading_holds_no_memory(appliance_factory):
+    app = appliance_factory(sections={"https": {"request_timeout": "3s"}})
+
+    def rss():
+        with open(f"/proc/{app.proc.pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) * 1024
+
+    before = rss()
+    s = socket.create_connection(("127.0.0.1", app.port), 5)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s = ssl.create_default_context(cafile=app.ca_pem).wrap_socket(s, server_hostname="localhost")
+    s.settimeout(2)
+    burst = b"GET /scep?operation=GetCACert HTTP/1.1\r\nHost: x\r\n\r\n" * 200
+    sent = 0
+    t0 = time.monotonic()
+    try:
+        while time.monotonic() - t0 < 10:
+            s.sendall(burst)
+            sent += len(burst)
+    except (socket.timeout, ssl.SSLError, OSError):
+        pass
+    grown = rss() - before
+    # before the fix the server read all of it and answered every request into memory: 1 GB for 27 MB
+    assert time.monotonic() - t0 < 10, f"the server read {sent} bytes without pause"
+    assert grown < 32 * 1024 * 1024, f"server grew {grown >> 20} MiB for {sent >> 20} MiB of unread pipelining"
+    other = _tls(app)  # the server still answers others
+    other.sendall(b"GET /scep?operation=GetCACaps HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert b"POSTPKIOperation" in _read_all(other)
+    s.close()
