@@ -86,7 +86,7 @@ class SignedMessage:
     fail_info_text: Optional[str]
     signer_cert: x509.Certificate
     signer_certs: tuple[x509.Certificate, ...]
-    digest: str
+    digest: str  # one of DIGESTS (SHA-256 when the message's own is unsupported and so refused)
     content: Optional[bytes] = field(repr=False)
     signing_time: Optional[datetime.datetime] = None
 
@@ -123,6 +123,7 @@ _DIGEST_OIDS = {
 _OID_OF_DIGEST = {name: oid for oid, name in _DIGEST_OIDS.items()}
 _HASHES = {"sha1": hashes.SHA1, "sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}
 DIGESTS = tuple(_HASHES)
+MAX_TRANSACTION_ID = 128
 
 # signerInfo signatureAlgorithm -> (key family, implied digest or None)
 _SIGNATURE_OIDS = {
@@ -779,6 +780,12 @@ def _scep_message(parsed: _ParsedSigned) -> SignedMessage:
     transaction_id = _string_attr(attrs, OID_TRANSACTION_ID, "transactionID")
     if transaction_id is None:
         raise MalformedRequest("no transactionID attribute")
+    # Clients send a hash of their key (40 or 64 hex digits) or a short random string; an unbounded one would
+    # go into every journal line and log line of the transaction.
+    if len(transaction_id) > MAX_TRANSACTION_ID:
+        raise MalformedRequest(f"transactionID longer than {MAX_TRANSACTION_ID} characters")
+    if not transaction_id.isprintable():
+        raise MalformedRequest("transactionID has control characters")
     status_text = _string_attr(attrs, OID_PKI_STATUS, "pkiStatus")
     pki_status = None
     if status_text is not None:
@@ -798,7 +805,8 @@ def _scep_message(parsed: _ParsedSigned) -> SignedMessage:
         fail_info_text=_string_attr(attrs, OID_FAIL_INFO_TEXT, "failInfoText"),
         signer_cert=parsed.signer_cert,
         signer_certs=parsed.signer_certs,
-        digest=_DIGEST_OIDS.get(parsed.digest_oid, parsed.digest_oid),
+        # an unsupported digest is refused (badAlg) by verification; the FAILURE CertRep then uses SHA-256
+        digest=_DIGEST_OIDS.get(parsed.digest_oid, "sha256"),
         content=parsed.content,
         signing_time=parsed.signing_time,
     )
@@ -1631,7 +1639,7 @@ def build_cert_rep(*, request: SignedMessage, pki_status: PkiStatus, signer_key,
     else:
         fail_info = fail_info_text = None
     if digest is None:
-        digest = request.digest if request.digest in _HASHES else "sha256"
+        digest = request.digest
     return build_signed(message_type=MessageType.CertRep, transaction_id=request.transaction_id,
                         sender_nonce=sender_nonce, recipient_nonce=request.sender_nonce,
                         signer_key=signer_key, signer_cert=signer_cert, digest=digest,

@@ -145,6 +145,34 @@ def test_refusals_are_failure_certreps_and_garbage_is_400(app):
     assert status == 400 and b"unsupported operation" in body
 
 
+SHA256_OID = bytes.fromhex("0609608648016503040201")
+SHA224_OID = bytes.fromhex("0609608648016503040204")
+
+
+def test_an_unsupported_digest_or_transaction_id_gets_a_clear_answer(app):
+    """A request digested with SHA-224 (not among SCEP's) got a 503 on every retry: its FAILURE CertRep was
+    signed with the request's digest. It is a FAILURE badAlg signed with SHA-256. A transactionID over 128
+    characters or with control characters (it goes into every journal and log line) is a 400 with one line."""
+    certs = get_ca_certs(app.url, app.ca_pem)
+    r = Requester(certs)
+    msg = r.message()
+    assert msg.count(SHA256_OID) >= 2  # digestAlgorithms and the signerInfo's digestAlgorithm
+    status, _, body = http(app.url + "?operation=PKIOperation", data=msg.replace(SHA256_OID, SHA224_OID),
+                           cafile=app.ca_pem, headers=basic("alice", "alice pass"))
+    assert status == 200, body
+    rep = scep.parse_signed(body)
+    assert rep.pki_status == scep.PkiStatus.FAILURE and rep.fail_info == FailInfo.badAlg
+    assert "2.16.840.1.101.3.4.2.4" in rep.fail_info_text and rep.digest == "sha256"
+    for tid, why in (("A" * 129, b"transactionID longer than 128 characters"),
+                     ("ab\ncd", b"transactionID has control characters")):
+        status, _, body = http(app.url + "?operation=PKIOperation", data=r.message(transaction_id=tid),
+                               cafile=app.ca_pem, headers=basic("alice", "alice pass"))
+        assert status == 400 and why in body and body.count(b"\n") == 1, body
+    status, _, body = http(app.url + "?operation=PKIOperation", data=r.message(transaction_id="B" * 128),
+                           cafile=app.ca_pem, headers=basic("alice", "alice pass"))
+    assert status == 200 and r.open_reply(body)[0].pki_status == scep.PkiStatus.SUCCESS
+
+
 def _padded(data):
     n = 16 - len(data) % 16
     return data + bytes([n]) * n
