@@ -550,6 +550,14 @@ def _digest_name(oid: str, what: str, message=None) -> str:
     return name
 
 
+def _check_rsa_exponent(key, what: str, message=None) -> None:
+    """Refuse an RSA public exponent over 64 bits before verifying with it: a 3,072-bit one made each CSR
+    signature check cost 5.9 ms instead of 0.05 (OpenSSL itself caps it at 64 bits only above 3,072-bit
+    moduli). Real keys use 65537."""
+    if isinstance(key, rsa.RSAPublicKey) and key.public_numbers().e.bit_length() > 64:
+        raise _failure(FailInfo.badAlg, f"{what}: RSA public exponents over 64 bits are not accepted", message)
+
+
 def _failure(fail_info: FailInfo, text: str, message: Optional[SignedMessage]) -> ScepFailure:
     failure = ScepFailure(fail_info, text)
     failure.request = message
@@ -863,6 +871,7 @@ def _verify_signed(parsed: _ParsedSigned, message: Optional[SignedMessage]) -> N
         public_key = parsed.signer_cert.public_key()
     except (UnsupportedAlgorithm, ValueError) as exc:
         raise _failure(FailInfo.badAlg, f"unsupported signer key: {_one_line(exc)}", message) from None
+    _check_rsa_exponent(public_key, "signer key", message)
     if family in ("rsa", "rsa-pss"):
         if not isinstance(public_key, rsa.RSAPublicKey):
             raise _failure(FailInfo.badAlg, "RSA signature algorithm with a non-RSA signer key", message)
@@ -1531,6 +1540,7 @@ def parse_csr(der: bytes) -> x509.CertificateSigningRequest:
     csr, legacy = _load_csr(der)
     try:
         key = csr.public_key()
+        _check_rsa_exponent(key, "CSR key")
         if isinstance(key, rsa.RSAPublicKey) and key.public_bytes(
                 serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) \
                 not in csr.tbs_certrequest_bytes and \

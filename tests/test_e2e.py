@@ -15,7 +15,8 @@ from getcertd import scep
 from getcertd.errors import FailInfo
 from getcertd.issuance import IssuanceLog
 from getcertd.journal import replay
-from scepclient import Requester, basic, csr_der, get_ca_certs, http, raw_envelope, rsa_key
+from scepclient import (Requester, basic, csr_der, get_ca_certs, http, raw_envelope, rsa_key,
+                        rsa_key_with_huge_exponent)
 
 
 def openssl(*args, input=None):
@@ -171,6 +172,26 @@ def test_an_unsupported_digest_or_transaction_id_gets_a_clear_answer(app):
     status, _, body = http(app.url + "?operation=PKIOperation", data=r.message(transaction_id="B" * 128),
                            cafile=app.ca_pem, headers=basic("alice", "alice pass"))
     assert status == 200 and r.open_reply(body)[0].pki_status == scep.PkiStatus.SUCCESS
+
+
+def test_rsa_keys_with_huge_public_exponents_are_refused_before_verifying(app):
+    """An RSA public exponent as long as the modulus makes each signature check cost like a signature (5.9 ms
+    instead of 0.05 for a CSR): the signer's key and the CSR's key are refused (badAlg) before verifying."""
+    certs = get_ca_certs(app.url, app.ca_pem)
+    huge = rsa_key_with_huge_exponent()
+    # a CSR that fails inside the envelope gets the one answer of an unreadable content (no decryption oracle);
+    # scep.parse_csr's own refusal is tested in test_scep_codec
+    for r, fail_info, why in (
+            (Requester(certs, key=huge), FailInfo.badAlg, "signer key: RSA public exponents over 64 bits"),
+            (Requester(certs), FailInfo.badMessageCheck, scep.UNDECRYPTABLE)):
+        inner = None if r.key is huge else csr_der(huge)
+        status, _, body = http(app.url + "?operation=PKIOperation", data=r.message(inner=inner),
+                               cafile=app.ca_pem, headers=basic("alice", "alice pass"))
+        assert status == 200, body
+        rep, _ = r.open_reply(body)
+        assert rep.pki_status == scep.PkiStatus.FAILURE and rep.fail_info == fail_info
+        assert why in rep.fail_info_text
+    assert "CSR key: RSA public exponents over 64 bits" in app.log()
 
 
 def _padded(data):

@@ -608,6 +608,15 @@ def test_csr_signature_algorithms_made_by_openssl(tmp_path):
         assert caught.value.fail_info == FailInfo.badAlg and why in caught.value.text
 
 
+def test_rsa_keys_with_huge_public_exponents_are_refused_by_parse_csr():
+    from scepclient import rsa_key_with_huge_exponent
+    huge = rsa_key_with_huge_exponent()
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(huge, hashes.SHA256())
+    with pytest.raises(ScepFailure) as caught:
+        scep.parse_csr(csr.public_bytes(serialization.Encoding.DER))
+    assert caught.value.fail_info == FailInfo.badAlg and "exponents over 64 bits" in caught.value.text
+
+
 def test_transaction_id(client, ec_client):
     tid = scep.new_transaction_id(client.key.public_key())
     assert tid == scep.new_transaction_id(client.cert.public_key())  # same key, same ID
