@@ -64,7 +64,12 @@ class _Helper(protocol.ProcessProtocol):
         self.closed = defer.Deferred()  # fires when the process has ended
         self.pid = None
         job_read, self.job_write = os.pipe2(os.O_CLOEXEC)
-        self.result_read, result_write = os.pipe2(os.O_CLOEXEC)
+        try:
+            self.result_read, result_write = os.pipe2(os.O_CLOEXEC)
+        except OSError:
+            os.close(job_read)
+            os.close(self.job_write)
+            raise
         self.child_fds = [job_read, result_write]
         os.set_blocking(self.job_write, False)
         os.set_blocking(self.result_read, False)
@@ -216,14 +221,16 @@ class KeyHelpers(service.Service):
         self._respawn = None
         if self._stopping:
             return
-        helper = _Helper(self, self._material)
-        read_jobs, write_results = helper.child_fds
+        helper = None
         try:
+            helper = _Helper(self, self._material)
+            read_jobs, write_results = helper.child_fds
             self.reactor.spawnProcess(helper, self._argv[0], self._argv, env=None,  # None: our environment
                                       path="/", childFDs={0: read_jobs, 1: write_results, 2: "r"})
-        except OSError as e:  # no process could be made (out of memory, of processes): try again later
-            for fd in helper.child_fds + [helper.job_write, helper.result_read]:
-                os.close(fd)
+        except OSError as e:  # no pipe or process could be made (out of descriptors, memory, processes): later
+            if helper is not None:
+                for fd in helper.child_fds + [helper.job_write, helper.result_read]:
+                    os.close(fd)
             log.error("starting a key helper failed: {error}", error=e)
             self._respawn = self.reactor.callLater(RESTART_DELAY, self._spawn)
             return

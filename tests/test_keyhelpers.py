@@ -368,6 +368,34 @@ def test_a_helper_that_cannot_run_is_retried_once_a_second_and_jobs_fail_clearly
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_helper_that_cannot_get_its_pipes_is_retried(material, requester, monkeypatch):
+    """Out of file descriptors (EMFILE) when making a helper's pipes: the error escaped _spawn and the helper was
+    never started again, so every enrollment got 503 until a restart. It is retried like a failed start, and
+    no descriptor leaks."""
+    import errno
+    real_pipe2 = os.pipe2
+    calls = []
+
+    def pipe2(flags):
+        calls.append(flags)
+        if len(calls) == 2:  # the second pipe of the first helper
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_pipe2(flags)
+    monkeypatch.setattr(helpers_module.os, "pipe2", pipe2)
+    open_fds = len(os.listdir("/proc/self/fd"))
+    helpers = KeyHelpers(reactor, material.dumps(), size=1)
+    helpers.startService()
+    try:
+        assert not helpers.helpers and len(os.listdir("/proc/self/fd")) == open_fds
+        yield task.deferLater(reactor, helpers_module.RESTART_DELAY + 0.5, lambda: None)
+        assert len(helpers.helpers) == 1
+        opened = yield helpers.run("open", _pkcs_req(material, requester))
+        assert opened.csr_der
+    finally:
+        yield helpers.stopService()
+
+
+@pytest_twisted.inlineCallbacks
 def test_stopping_kills_a_helper_that_does_not_end(material, monkeypatch):
     """A helper that keeps running after its input is closed (a job stuck in a loop, say) is killed after
     STOP_TIMEOUT, so that twistd can stop."""
