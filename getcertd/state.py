@@ -244,14 +244,15 @@ def expiry_warnings(certificates: dict, now: datetime.datetime) -> list:
 
 
 def users_loader(path: str):
-    """A function returning the users file's accounts, re-read when the file changes (mtime/size/inode)."""
+    """A function returning the users file's accounts, re-read when the file changes (mtime/size/inode).
+    ConfigError when it is missing or malformed (an empty file is no accounts; a missing one is a mistake)."""
     cache = {"sig": None, "users": {}}
 
     def load():
         try:
             st = os.stat(path)
         except FileNotFoundError:
-            return {}
+            raise ConfigError(f"{path} does not exist (create accounts with getcertd-users add)") from None
         sig = (st.st_mtime_ns, st.st_size, st.st_ino)
         if sig != cache["sig"]:
             with open(path, encoding="utf-8") as f:

@@ -188,7 +188,12 @@ def _make(config, reactor, now):
     certificates.setServiceParent(top)
 
     if config.auth_backend == "local":
-        authenticator = LocalAuthenticator(state.users_loader(config.users_file), reactor)
+        load_users = state.users_loader(config.users_file)
+        try:
+            log.info("local accounts: {n} in {path}", n=len(load_users()), path=config.users_file)
+        except ConfigError as e:  # not fatal: mended or created while running, it is read again
+            log.warn("local accounts: {error}; every login fails until it is mended", error=str(e))
+        authenticator = LocalAuthenticator(load_users, reactor)
     else:
         from getcertd import radius
         proto = radius.RadiusClientProtocol(radius.settings_from_config(config.radius), reactor)

@@ -101,3 +101,26 @@ def test_getcertd_users_bad_places_are_one_line(tmp_path):
                  ["--file", str(tmp_path), "add", "alice"]):
         p = _run(*args, stdin="pw\n")
         assert p.returncode != 0 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, (args, p.stderr)
+
+
+def test_a_missing_users_file_is_said_at_start_and_at_login_and_read_once_created(appliance_factory):
+    """A users file path with a typo, or accounts not yet created: every login was a silent 401 (an empty
+    account list). It is now a warning at start, a 503 and an error in the log at login, and it is read as
+    soon as getcertd-users creates it."""
+    from scepclient import Requester, basic, get_ca_certs, http
+    app = appliance_factory(start=False)
+    os.unlink(app.users_file)
+    app.start()
+    assert f"local accounts: {app.users_file} does not exist (create accounts with getcertd-users add)" in app.log()
+    r = Requester(get_ca_certs(app.url, app.ca_pem))
+
+    def login():
+        return http(app.url + "?operation=PKIOperation", data=r.message(), cafile=app.ca_pem,
+                    headers=basic("alice", "pw1"))
+    status, _, body = login()
+    assert status == 503 and body.count(b"\n") == 1, body
+    assert "every login fails until it is mended" in app.log().split("does not exist", 1)[1]
+    from appliance import add_user
+    add_user(app.users_file, "alice", "pw1")
+    status, _, body = login()
+    assert status == 200 and r.open_reply(body)[0].pki_status.name == "SUCCESS"
