@@ -6,6 +6,8 @@ child service. Nothing listens until the MultiService starts.
 import datetime
 import gc
 import os
+import resource
+import signal
 import sys
 
 from OpenSSL import SSL, crypto as _crypto
@@ -35,6 +37,8 @@ from getcertd import est, est_web, state, web
 from getcertd.est_enroll import EstService
 
 log = Logger()
+
+FILES_BESIDE_CONNECTIONS = 256  # key helpers' pipes, journal, state files, RADIUS and manhole sockets, logs
 
 
 class Options(usage.Options):
@@ -120,6 +124,19 @@ def check_certificates(config, ca, tls, served: dict, today: datetime.datetime) 
         log.warn("{line}: replace it", line=line)
 
 
+def raise_file_limit(needed: int, getrlimit=resource.getrlimit, setrlimit=resource.setrlimit) -> int:
+    """Raise the soft limit on open files to ``needed`` (at most the hard limit); the soft limit now. A shell's
+    usual 1024 is less than max_connections connections plus the helpers' pipes, the journal and the logs:
+    past it, accept() fails and a key helper can't be started."""
+    soft, hard = getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        if target > soft:
+            setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return soft
+
+
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
@@ -138,6 +155,11 @@ def _make(config, reactor, now):
     from getcertd.issuance import IssuanceLog
     from getcertd.journal import Journal, replay
 
+    needed = config.max_connections * (2 if config.http_listen else 1) + FILES_BESIDE_CONNECTIONS
+    limit = raise_file_limit(needed)
+    if limit < needed:
+        log.warn("open files are limited to {limit}, fewer than [https] max_connections needs ({needed}): raise "
+                 "the limit (systemd: LimitNOFILE) or lower max_connections", limit=limit, needed=needed)
     state.ensure_state_dir(config.state_dir)
     state_lock = state.StateLock(config.state_dir)  # a second appliance, or getcertd-admin, is refused
     ca = state.load_or_create_ca(config, now, log)
@@ -285,14 +307,32 @@ class Appliance(service.MultiService):
 
     After a clean stop on SIGTERM the process exits 0: twistd would otherwise re-raise the signal against
     itself (exit status -15), which supervisors other than systemd report as a crash.
+
+    SIGHUP (a closed terminal, an admin's habit of "kill -HUP" to reload) killed the process, and systemd's
+    Restart=on-failure counts SIGHUP as a clean end, so the appliance stayed down. It is logged and ignored: the
+    configuration is read at start only (the users file is re-read by itself when it changes).
     """
 
     def __init__(self, reactor=None):
         super().__init__()
         self._reactor = reactor
+        self._previous_sighup = None
+
+    def startService(self):
+        super().startService()
+        if self._reactor is not None:
+            self._previous_sighup = signal.signal(signal.SIGHUP, self._hangup)
+
+    def _hangup(self, signum, frame):
+        self._reactor.callFromThread(
+            log.info, "SIGHUP ignored: getcertd reads its configuration only at start; restart it to apply a "
+                      "change (the users file is re-read by itself when it changes)")
 
     def stopService(self):
         service.Service.stopService(self)
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
         d = defer.succeed(None)
         failed = []
         for child in reversed(list(self)):

@@ -96,12 +96,14 @@ class Appliance:
     def ca_pem(self):
         return os.path.join(self.state_dir, "ca.pem")
 
-    def start(self, timeout=30, namespace_setup=None):
+    def start(self, timeout=30, namespace_setup=None, wrapper=()):
         """Start twistd; with ``namespace_setup`` (a shell script), first run that script in a private mount
-        namespace (`unshare -m`) and exec twistd there, with the same pid."""
+        namespace (`unshare -m`) and exec twistd there, with the same pid. ``wrapper``: a command that execs
+        the rest (prlimit ... --, say)."""
         log = open(self.log_path, "ab")
         args = [tool("twistd"), "-n", "--pidfile", os.path.join(self.dir, "twistd.pid"), "getcertd",
                 "--config", self.config_path]
+        args = list(wrapper) + args
         if namespace_setup:
             args = ["unshare", "-m", "sh", "-c", namespace_setup + ' && exec "$@"', "sh"] + args
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir)

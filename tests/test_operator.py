@@ -518,3 +518,39 @@ def test_an_imported_ca_not_valid_yet_is_named_at_start_and_refuses_with_bad_tim
     rep, _ = r.open_reply(body)
     assert rep.pki_status == scep.PkiStatus.FAILURE and rep.fail_info == scep.FailInfo.badTime, rep
     assert f"not valid before {ca.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC" in rep.fail_info_text
+
+
+def test_sighup_is_logged_and_ignored(appliance_factory):
+    """SIGHUP killed twistd, and systemd's Restart=on-failure counts that as a clean end: the appliance stayed
+    down after a 'kill -HUP' meant as a reload."""
+    app = appliance_factory()
+    app.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "SIGHUP ignored" not in app.log() and time.monotonic() < deadline and app.proc.poll() is None:
+        time.sleep(0.1)
+    assert app.proc.poll() is None, app.log()[-2000:]
+    assert "SIGHUP ignored: getcertd reads its configuration only at start" in app.log()
+    assert http(app.url + "?operation=GetCACaps", cafile=app.ca_pem)[0] == 200
+    app.stop()
+    assert app.proc.returncode == 0
+
+
+def _open_files_limit(pid):
+    with open(f"/proc/{pid}/limits") as f:
+        line = next(line for line in f if line.startswith("Max open files"))
+    return [int(v) for v in line.split()[3:5]]
+
+
+def test_the_open_files_limit_is_raised_for_max_connections_or_named(appliance_factory):
+    """Started from a shell with the usual soft limit of 1024 open files, the 1000 connections of
+    max_connections plus the helpers' pipes and the journal did not fit: accept() and key helper starts failed
+    with EMFILE. The soft limit is raised to what max_connections needs; past the hard limit it is named."""
+    app = appliance_factory(start=False, sections={"https": {"max_connections": "1000"}})
+    app.start(wrapper=["prlimit", "--nofile=256:4096", "--"])
+    assert _open_files_limit(app.proc.pid) == [1256, 4096]
+    assert "open files are limited" not in app.log()
+    app.stop()
+    app.start(wrapper=["prlimit", "--nofile=256:512", "--"])
+    assert _open_files_limit(app.proc.pid) == [512, 512]
+    assert "open files are limited to 512, fewer than [https] max_connections needs (1256)" in app.log()
+    assert http(app.url + "?operation=GetCACaps", cafile=app.ca_pem)[0] == 200
