@@ -5,6 +5,7 @@ No file access and no clock: callers pass ``now`` and, where randomness matters 
 import datetime
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -59,9 +60,14 @@ def random_serial(random=os.urandom) -> int:
     return (int.from_bytes(random(16), "big") >> 1) or 1
 
 
+_RDN_SEPARATOR = re.compile(r"\s*(?<!\\),\s*")
+
+
 def parse_name(text: str) -> x509.Name:
-    """An RFC 4514 string (as in the config) to a Name, in the order written (most significant first)."""
-    return x509.Name.from_rfc4514_string(text) if text.strip() else x509.Name([])
+    """An RFC 4514 string (as in the config) to a Name, in the order written (most significant first). Spaces
+    around the commas are allowed, as people write them ('CN=getcertd CA, O=Example'); ValueError if unreadable."""
+    text = text.strip()
+    return x509.Name.from_rfc4514_string(",".join(_RDN_SEPARATOR.split(text))) if text else x509.Name([])
 
 
 def fingerprint(cert: x509.Certificate) -> str:

@@ -194,6 +194,85 @@ def _endpoint_parts(description: str):
     return parts[0], args, kwargs
 
 
+_LISTEN_KINDS = ("tcp", "tcp6", "ssl", "unix", "systemd")
+
+
+def _required(section: str, key: str):
+    raise ConfigError(f"[{section}] {key}: required")
+
+
+def _listen(section: str, description: str) -> str:
+    """A [section] listen value checked here, where the mistake can be named: a kind Twisted has (tcp, tcp6,
+    unix, systemd...) and, for TCP, a port from 0 to 65535."""
+    if not description:
+        return description
+    kind, args, kwargs = _endpoint_parts(description)
+    example = "e.g. tcp:8443:interface=127.0.0.1"
+    if kind not in _LISTEN_KINDS:
+        raise ConfigError(f"[{section}] listen: {description!r}: unknown kind {kind!r} (one of "
+                          f"{', '.join(_LISTEN_KINDS)}; {example})")
+    if kind in ("tcp", "tcp6", "ssl"):
+        port = args[0] if args else kwargs.get("port", "")
+        if not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
+            raise ConfigError(f"[{section}] listen: {description!r}: the port must be a number from 0 to 65535 "
+                              f"({example})")
+    return description
+
+
+def listen_port(description: str):
+    """The TCP port of a listen value, or None (a UNIX or systemd socket: reached through something else)."""
+    kind, args, kwargs = _endpoint_parts(description)
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return None
+    return int(args[0] if args else kwargs["port"])
+
+
+_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _server_name(name: str) -> str:
+    """[getcertd] server_name: the DNS name or IP address clients use (in URLs and the TLS certificate)."""
+    try:
+        ipaddress.ip_address(name)
+        return name
+    except ValueError:
+        pass
+    if not 0 < len(name) <= 64 or not all(_DNS_LABEL.fullmatch(label) for label in name.rstrip(".").split(".")):
+        raise ConfigError(f"[getcertd] server_name: {name[:80]!r} is not a DNS name (letters, digits and hyphens, "
+                          "dot-separated, at most 64 characters: it is the TLS certificate's CN) or an IP address")
+    return name
+
+
+def _name_text(section: str, key: str, text: str) -> str:
+    """A distinguished name written as RFC 4514 text (``CN=getcertd CA, O=Example``), checked here."""
+    from getcertd.ca import parse_name
+    try:
+        name = parse_name(text)
+    except ValueError as e:
+        raise ConfigError(f"[{section}] {key}: {text[:80]!r} is not a distinguished name like 'CN=getcertd CA, "
+                          f"O=Example' ({str(e) or 'unreadable'})") from None
+    if not len(name):
+        raise ConfigError(f"[{section}] {key}: must not be empty")
+    if any(not attribute.value for attribute in name):  # a DirectoryString has at least one character
+        raise ConfigError(f"[{section}] {key}: {text[:80]!r} has an attribute with no value")
+    return text
+
+
+def _url(section: str, key: str, url: str) -> str:
+    """An http(s) URL with a host (a CRL distribution point that clients fetch)."""
+    from urllib.parse import urlsplit
+    if not url:
+        return url
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError as e:
+        raise ConfigError(f"[{section}] {key}: {url[:80]!r}: {e}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
+        raise ConfigError(f"[{section}] {key}: {url[:80]!r} is not an http:// or https:// URL with a host")
+    return url
+
+
 def loopback_only(description: str) -> bool:
     """Whether a server endpoint string can only be reached from this machine (loopback TCP or a UNIX socket)."""
     kind, _args, kwargs = _endpoint_parts(description.strip())
@@ -212,7 +291,7 @@ def loopback_only(description: str) -> bool:
 
 def _local_listener(section, v):
     """[manhole]/[metrics] listen: loopback unless allow_remote = yes says the admin means it."""
-    listen = v[section]["listen"]
+    listen = _listen(section, v[section]["listen"])
     allow_remote = _bool(section, "allow_remote", v[section]["allow_remote"])
     if listen and not allow_remote and not loopback_only(listen):
         raise ConfigError(f"[{section}] listen: {listen!r} is reachable from other machines; listen on loopback "
@@ -333,24 +412,25 @@ def _build(v, raw_profiles, source, read_file) -> Config:
     metrics_listen, metrics_allow_remote = _local_listener("metrics", v)
 
     return Config(
-        state_dir=g["state_dir"], server_name=g["server_name"],
+        state_dir=g["state_dir"], server_name=_server_name(g["server_name"]),
         key_helpers=0 if g["key_helpers"].strip() == "auto" else _int("getcertd", "key_helpers", g["key_helpers"], 1),
-        https_listen=https["listen"], https_certificate=https["certificate"], https_key=https["key"],
+        https_listen=_listen("https", https["listen"]) or _required("https", "listen"),
+        https_certificate=https["certificate"], https_key=https["key"],
         max_connections=_int("https", "max_connections", https["max_connections"], 1),
         request_timeout=max(_dur("https", "request_timeout", https["request_timeout"]), 1),
         idle_timeout=max(_dur("https", "idle_timeout", https["idle_timeout"]), 1),
-        http_listen=v["http"]["listen"], scep_paths=paths,
+        http_listen=_listen("http", v["http"]["listen"]), scep_paths=paths,
         allow_legacy_des=_bool("scep", "allow_legacy_des", v["scep"]["allow_legacy_des"]),
         renewal_without_auth=_bool("scep", "renewal_without_auth", v["scep"]["renewal_without_auth"]),
         ca_certificate=ca["certificate"], ca_key=ca["key"], ca_key_passphrase_file=ca["key_passphrase_file"],
-        ca_key_type=ca["key_type"], ca_subject=ca["subject"],
+        ca_key_type=ca["key_type"], ca_subject=_name_text("ca", "subject", ca["subject"]),
         ca_lifetime=_dur("ca", "lifetime", ca["lifetime"]), ra=_bool("ca", "ra", ca["ra"]),
         auth_backend=auth["backend"], users_file=auth["users"], challenge_user=auth["challenge_user"],
         radius=radius, skew=_skew(pol["skew"]),
         max_valid_per_user=_int("policy", "max_valid_per_user", pol["max_valid_per_user"]),
         max_per_user_per_hour=_int("policy", "max_per_user_per_hour", pol["max_per_user_per_hour"]),
         default_profile=pol["default_profile"], profiles=profiles, profile_map=profile_map,
-        crl_interval=crl_interval, crl_lifetime=crl_lifetime, crl_url=v["crl"]["url"],
+        crl_interval=crl_interval, crl_lifetime=crl_lifetime, crl_url=_url("crl", "url", v["crl"]["url"]),
         log_retain=log_retain,
         manhole_listen=manhole_listen, manhole_authorized_keys=v["manhole"]["authorized_keys"],
         metrics_listen=metrics_listen, manhole_allow_remote=manhole_allow_remote,

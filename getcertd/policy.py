@@ -16,7 +16,7 @@ from cryptography.x509.oid import NameOID
 from getcertd.auth import Identity
 from getcertd.ca import key_type_of
 from getcertd.config import ProfileConfig
-from getcertd.errors import FailInfo, ScepFailure
+from getcertd.errors import ConfigError, FailInfo, ScepFailure
 
 _ATTRS = {
     "CN": NameOID.COMMON_NAME, "OU": NameOID.ORGANIZATIONAL_UNIT_NAME, "O": NameOID.ORGANIZATION_NAME,
@@ -74,6 +74,9 @@ def check_template(template: str, kind: str) -> None:
     for name in re.findall(r"\{([^}]*)\}", template):
         if name not in ("user", "local", "domain", "profile"):
             raise ValueError(f"unknown placeholder {{{name}}} in {kind} template (use user, local, domain, profile)")
+    rest = _PLACEHOLDER.sub("", template)
+    if "{" in rest or "}" in rest:
+        raise ValueError(f"a {{ or }} outside a placeholder in {kind} template {template!r}")
     if kind == "subject":
         for rdn in _parse_subject_template(template):
             pass
@@ -167,8 +170,12 @@ class Policy:
 
     def __post_init__(self):
         for p in self.profiles.values():
-            check_template(p.subject, "subject")
-            check_template(p.san, "san")
+            section = "policy" if p.name == "default" else f"profile {p.name}"
+            for kind, template in (("subject", p.subject), ("san", p.san)):
+                try:
+                    check_template(template, kind)
+                except ValueError as e:
+                    raise ConfigError(f"[{section}] {kind}: {e}") from None
 
     def _mapped_hint(self, identity: Identity) -> Optional[str]:
         """The first of the backend's hints that profile_map names (a server may add values of its own, such as

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from twisted.application import service, strports
 from twisted.application.internet import TimerService
 from twisted.internet import defer, ssl, threads
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
@@ -23,6 +24,7 @@ from twisted.python import usage
 from getcertd import scep
 from getcertd.auth import ChallengeStore
 from getcertd.ca import fingerprint
+from getcertd.config import listen_port
 from getcertd.crl import CrlPublisher
 from getcertd.enroll import EnrollmentService
 from getcertd.errors import ConfigError
@@ -237,8 +239,11 @@ def _make(config, reactor, now):
 
     material = CaMaterial(ca.certificate, ra_cert)
     caps = caps_for(config)
-    port = config.https_listen.split(":")[1] if ":" in config.https_listen else "8443"
-    scep_url = f"https://{config.server_name}:{port}{config.scep_paths[-1]}"
+    port = listen_port(config.https_listen)
+    authority = config.server_name if ":" not in config.server_name else f"[{config.server_name}]"  # IPv6
+    if port not in (None, 443):
+        authority += f":{port}"
+    scep_url = f"https://{authority}{config.scep_paths[-1]}"
     enroll_line = (f"getcert enroll --url {scep_url} --user USER --ca-fingerprint sha256:"
                    + fingerprint(ca.certificate).replace(":", "").lower() + " --out DIR")
 
@@ -263,27 +268,26 @@ def _make(config, reactor, now):
 
     Drain(sites, reactor).setServiceParent(top)  # stops after the listeners below: in-flight requests finish
 
-    https = strports.service(config.https_listen, TLSMemoryBIOFactory(tls, False, site(True)))
-    https.setName("https")
-    https.setServiceParent(top)
+    def listen(section, description, factory):
+        try:
+            listener = strports.service(description, factory)
+        except (ValueError, KeyError, TypeError) as e:  # what config.py's check can't see (a bad option value)
+            raise ConfigError(f"[{section}] listen: {description!r}: {e}") from None
+        listener.setName(section)
+        listener.setServiceParent(top)
+
+    listen("https", config.https_listen, TLSMemoryBIOFactory(tls, False, site(True)))
     if config.http_listen:
-        http = strports.service(config.http_listen, site(False))
-        http.setName("http")
-        http.setServiceParent(top)
+        listen("http", config.http_listen, site(False))
     if config.manhole_authorized_keys:
         from getcertd import admin_ns, manhole
         namespace = admin_ns.namespace(issuance_log=issuance_log, journal=journal, crl=crl, clock=reactor,
                                        stats=stats, config=config, radius=stats.radius, enrollment=enrollment)
-        ssh = strports.service(config.manhole_listen, manhole.factory(
+        listen("manhole", config.manhole_listen, manhole.factory(
             namespace, config.manhole_authorized_keys, state.load_or_create_ssh_host_key(config.state_dir)))
-        ssh.setName("manhole")
-        ssh.setServiceParent(top)
     if config.metrics_listen:
-        metrics = strports.service(config.metrics_listen, web.Site(web.metrics_root(stats)))
-        metrics.setName("metrics")
-        metrics.setServiceParent(top)
-    log.info("SCEP at {url}, EST at https://{name}:{port}{est}/", url=scep_url, name=config.server_name, port=port,
-             est=est.WELL_KNOWN)
+        listen("metrics", config.metrics_listen, web.Site(web.metrics_root(stats)))
+    log.info("SCEP at {url}, EST at https://{authority}{est}/", url=scep_url, authority=authority, est=est.WELL_KNOWN)
     top.enrollment, top.keys = enrollment, keys
     top.issuance_log = issuance_log
     top.crl, top.stats = crl, stats
@@ -317,6 +321,17 @@ class Appliance(service.MultiService):
         super().__init__()
         self._reactor = reactor
         self._previous_sighup = None
+
+    def privilegedStartService(self):
+        """twistd binds the listeners here, before anything else starts."""
+        for child in self:
+            try:
+                child.privilegedStartService()
+            except CannotListenError as e:  # twistd would print a traceback: one line naming the key instead
+                why = getattr(e.socketError, "strerror", None) or e.socketError
+                sys.stderr.write(f"getcertd: [{child.name}] listen: can't listen on {e.interface or '*'}:{e.port}: "
+                                 f"{why}\n")
+                raise SystemExit(1) from None
 
     def startService(self):
         super().startService()

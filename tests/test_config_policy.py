@@ -6,7 +6,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from getcertd.auth import ChallengeStore, Identity
-from getcertd.config import ProfileConfig, parse_config, parse_duration
+from getcertd.config import ProfileConfig, listen_port, parse_config, parse_duration
 from getcertd.enroll import Credentials
 from getcertd.errors import ConfigError, FailInfo, ScepFailure
 from getcertd.policy import Policy
@@ -44,12 +44,52 @@ def test_durations(text, expected):
     ("[policy]\neku = ipsecIKE clientauth\n", "[policy] eku: 'clientauth'"),
     ("[profile x]\neku = 1.3.6.1.5.5.7.3.\n", "[profile x] eku"),
     ("[policy]\nskew = 2d\n", "[policy] skew: at most 1d"),
+    # these were tracebacks from twistd (found by an operator review)
+    ("[https]\nlisten = tcp:notaport\n", "[https] listen: 'tcp:notaport': the port must be a number"),
+    ("[https]\nlisten = tcp:99999\n", "[https] listen: 'tcp:99999': the port must be a number from 0 to 65535"),
+    ("[https]\nlisten = bogus:1234\n", "[https] listen: 'bogus:1234': unknown kind 'bogus'"),
+    ("[https]\nlisten =\n", "[https] listen: required"),
+    ("[http]\nlisten = tcp:port=x\n", "[http] listen: 'tcp:port=x': the port must be"),
+    ("[metrics]\nlisten = tcp:xx:interface=127.0.0.1\n", "[metrics] listen: 'tcp:xx:interface=127.0.0.1'"),
+    ("[getcertd]\nserver_name =\n", "[getcertd] server_name: '' is not a DNS name"),
+    ("[getcertd]\nserver_name = vpn ca.example\n", "[getcertd] server_name: 'vpn ca.example'"),
+    ("[getcertd]\nserver_name = " + "a" * 65 + "\n", "at most 64 characters"),
+    ("[ca]\nsubject = getcertd CA\n", "[ca] subject: 'getcertd CA' is not a distinguished name"),
+    ("[ca]\nsubject = CN=\n", "[ca] subject: 'CN='"),
+    ("[ca]\nsubject = CN=x, O=\n", "[ca] subject: 'CN=x, O=' has an attribute with no value"),
+    ("[ca]\nsubject =\n", "[ca] subject: must not be empty"),
+    ("[crl]\nurl = crl.example/ca.crl\n", "[crl] url: 'crl.example/ca.crl' is not an http:// or https:// URL"),
+    ("[crl]\nurl = http://crl.example:99999/ca.crl\n", "[crl] url: 'http://crl.example:99999/ca.crl'"),
 ])
 def test_config_errors_name_the_key(extra, needle):
     base = BASE.replace("users = /tmp/users", "backend = radius") if extra.startswith("[radius]") else BASE
+    if extra.startswith("[getcertd]\n"):
+        base, extra = BASE.replace("[getcertd]\n", extra), ""
     with pytest.raises(ConfigError) as e:
         parse_config(base + extra, "test.ini")
     assert needle in str(e.value) and str(e.value).startswith("test.ini")
+
+
+def test_listen_values_server_names_and_urls_that_work():
+    cfg = parse_config(BASE.replace("[getcertd]\n", "[getcertd]\nserver_name = vpn-ca.example.com.\n")
+                       + "[https]\nlisten = tcp:port=443:interface=\\:\\:1\n[http]\nlisten = unix:/run/g.sock\n"
+                       "[crl]\nurl = http://vpn-ca.example.com/ca.crl\n"
+                       "[ca]\nsubject = CN=Example VPN CA, O=Example\\, Inc.\n")
+    assert listen_port(cfg.https_listen) == 443 and listen_port(cfg.http_listen) is None
+    assert listen_port("tcp:8443:interface=127.0.0.1") == 8443 and listen_port("8443") == 8443
+    assert parse_config(BASE.replace("[getcertd]\n", "[getcertd]\nserver_name = ::1\n")).server_name == "::1"
+
+
+def test_bad_templates_are_config_errors_naming_the_section():
+    base = parse_config(BASE)
+    for subject, san, needle in (("CN={nonsense}", "", "[profile x] subject: unknown placeholder {nonsense}"),
+                                 ("CN={user", "", "[profile x] subject: a { or } outside a placeholder"),
+                                 ("CN={user}, XX=1", "", "[profile x] subject: subject template: expected ATTR=value"),
+                                 ("CN={user}", "ip:{user}", "[profile x] san: san template: expected email:")):
+        profiles = dict(base.profiles, x=ProfileConfig("x", 3600, subject, san, ()))
+        with pytest.raises(ConfigError) as e:
+            Policy(profiles)
+        assert needle in str(e.value)
 
 
 @pytest.mark.parametrize("value,needle", [("0", "must be at least 1"), ("many", "expected a whole number")])

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -554,3 +555,27 @@ def test_the_open_files_limit_is_raised_for_max_connections_or_named(appliance_f
     assert _open_files_limit(app.proc.pid) == [512, 512]
     assert "open files are limited to 512, fewer than [https] max_connections needs (1256)" in app.log()
     assert http(app.url + "?operation=GetCACaps", cafile=app.ca_pem)[0] == 200
+
+
+def test_configuration_mistakes_found_at_start_are_one_line_not_a_traceback(appliance_factory):
+    """A port already taken, a subject template with a stray brace, a CA subject twistd couldn't build: each was a
+    traceback from twistd (or, for the template, a failure at every enrollment). Each is now one line naming
+    the key, and exit status 1."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    cases = [({"https": {"listen": f"tcp:{port}:interface=127.0.0.1"}},
+              f"getcertd: [https] listen: can't listen on 127.0.0.1:{port}: Address already in use"),
+             ({"policy": {"subject": "CN={user"}},
+              "getcertd: [policy] subject: a { or } outside a placeholder in subject template 'CN={user'"),
+             ({"ca": {"subject": "CN=getcertd CA, O="}}, "[ca] subject: 'CN=getcertd CA, O='")]
+    try:
+        for sections, line in cases:
+            app = appliance_factory(sections=sections, start=False)
+            p = subprocess.run([tool("twistd"), "-n", "--pidfile", "", "getcertd", "--config", app.config_path],
+                               capture_output=True, text=True, timeout=60)
+            out = p.stdout + p.stderr
+            assert p.returncode == 1 and line in out and "Traceback" not in out, out[-3000:]
+    finally:
+        taken.close()
