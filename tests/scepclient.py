@@ -39,11 +39,9 @@ def rsa_key_with_huge_exponent(bits=2048):
     base = rsa.generate_private_key(public_exponent=65537, key_size=bits).private_numbers()
     p, q = base.p, base.q
     phi = (p - 1) * (q - 1)
-    e = int.from_bytes(os.urandom(bits // 8), "big") | (1 << (bits - 2)) | 1
+    e = (int.from_bytes(os.urandom(bits // 8), "big") >> 2) | (1 << (bits - 2)) | 1  # bits-1 bits: below n
     while math.gcd(e, phi) != 1:
         e += 2
-    e %= 1 << (bits - 1)
-    assert math.gcd(e, phi) == 1 and e.bit_length() > 64
     d = pow(e, -1, phi)
     return rsa.RSAPrivateNumbers(p, q, d, d % (p - 1), d % (q - 1), pow(q, -1, p),
                                  rsa.RSAPublicNumbers(e, p * q)).private_key()

@@ -200,3 +200,58 @@ def test_sslyze(server, sslyze, tmp_path):
     compliance = p.stdout.split("COMPLIANCE AGAINST TLS CONFIGURATION", 1)[-1]
     problems = [line.strip() for line in compliance.splitlines() if line.strip().startswith("* ")]
     assert all(line.startswith("* certificate_path_validation") for line in problems), problems
+
+
+def _client_chain(directory, n, huge):
+    """A client key and certificate chain of ``n`` certificates, each signed by the next (none by our CA)."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from scepclient import rsa_key_with_huge_exponent
+    now = datetime.datetime.now(datetime.timezone.utc)
+    keys = [rsa_key_with_huge_exponent() if huge and i == 0 else rsa.generate_private_key(65537, 2048)
+            for i in range(n + 1)]
+    names = [x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"link {i}")]) for i in range(n + 1)]
+    certs = []
+    for i in range(n):
+        b = (x509.CertificateBuilder().subject_name(names[i]).issuer_name(names[i + 1])
+             .public_key(keys[i].public_key()).serial_number(i + 1)
+             .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1)))
+        if i:
+            b = b.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        certs.append(b.sign(keys[i + 1], hashes.SHA256()))
+    key_path, cert_path, chain_path = (os.path.join(directory, f"client-{huge}-{n}.{x}") for x in ("key", "crt", "chain"))
+    with open(key_path, "wb") as f:
+        f.write(keys[0].private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+    with open(cert_path, "wb") as f:
+        f.write(certs[0].public_bytes(serialization.Encoding.PEM))
+    with open(chain_path, "wb") as f:
+        f.write(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs[1:]))
+    return key_path, cert_path, chain_path
+
+
+def test_client_certificates_are_not_chain_verified_and_huge_exponents_are_refused(server, tmp_path):
+    """The client certificate is requested for EST re-enrollment, which checks it against our CA itself. OpenSSL
+    verified whatever chain a client sent: 29 certificates with 2,048-bit public exponents cost 22.8 ms of the
+    reactor's CPU per handshake (1 ms without). Chains are no longer verified (depth 0; 4.0 ms), and a client
+    key with an exponent over 64 bits is refused before its handshake signature is checked."""
+    app, cafile, _ = server
+    key, cert, chain = _client_chain(str(tmp_path), 8, huge=False)
+    ok, _, _, _, out = s_client(app, cafile, "-tls1_3", "-key", key, "-cert", cert, "-cert_chain", chain)
+    assert ok, out  # a foreign chain is not verified, nor refused: the certificate is simply not ours
+    key, cert, chain = _client_chain(str(tmp_path), 2, huge=True)
+    p = subprocess.run([OPENSSL, "s_client", "-connect", f"127.0.0.1:{app.port}", "-servername", "localhost",
+                        "-CAfile", cafile, "-tls1_2", "-key", key, "-cert", cert, "-cert_chain", chain],
+                       input=b"GET / HTTP/1.0\r\n\r\n", capture_output=True, timeout=30)
+    out = (p.stdout + p.stderr).decode("utf-8", "replace")
+    assert "alert" in out and "HTTP/1." not in out, out  # TLS 1.2: the alert ends the handshake itself
+
+
+def test_the_tls_context_verifies_no_client_chain():
+    from getcertd.ca import CertificateAuthority, generate_key, make_ca_certificate
+    from getcertd.tap import tls_options
+    now = datetime.datetime.now(datetime.timezone.utc)
+    key = generate_key("ec-p256")
+    ca = CertificateAuthority(key, make_ca_certificate(key, "CN=t", now, datetime.timedelta(days=1)))
+    context = tls_options(key, ca.certificate, [], client_ca=ca.certificate).getContext()
+    assert context.get_verify_depth() == 0  # the default, 100, verified up to 100 certificates per handshake
+    assert tls_options(key, ca.certificate, [], client_ca=None).getContext().get_verify_mode() == 0
