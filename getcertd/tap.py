@@ -24,7 +24,7 @@ from twisted.python import usage
 
 from getcertd import scep
 from getcertd.auth import ChallengeStore
-from getcertd.ca import fingerprint
+from getcertd.ca import fingerprint, key_type_of
 from getcertd.config import listen_port
 from getcertd.crl import CrlPublisher
 from getcertd.enroll import EnrollmentService
@@ -186,6 +186,11 @@ def _make(config, reactor, now):
                  "then; check this server's clock", when=ca.certificate.not_valid_before_utc.isoformat())
     if config.ra:
         ra_key, ra_cert = state.load_or_create_ra(config, ca, now)
+    elif not isinstance(ca.key, rsa.RSAPrivateKey):
+        # SCEP clients encrypt their requests to the RA certificate, or to the CA's without one, with RSA key
+        # transport: an EC CA alone would advertise SCEP and fail every PKIOperation.
+        raise ConfigError(f"[ca] ra = no needs an RSA CA key (SCEP clients encrypt requests to it with RSA); this "
+                          f"CA's key is {key_type_of(ca.key.public_key())}: set ra = yes (the RA key is RSA)")
     else:
         ra_key, ra_cert = ca.key, None
     tls_key, tls_cert, tls_chain = state.load_or_create_tls(config, ca, now)

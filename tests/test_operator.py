@@ -569,7 +569,11 @@ def test_configuration_mistakes_found_at_start_are_one_line_not_a_traceback(appl
               f"getcertd: [https] listen: can't listen on 127.0.0.1:{port}: Address already in use"),
              ({"policy": {"subject": "CN={user"}},
               "getcertd: [policy] subject: a { or } outside a placeholder in subject template 'CN={user'"),
-             ({"ca": {"subject": "CN=getcertd CA, O="}}, "[ca] subject: 'CN=getcertd CA, O='")]
+             ({"ca": {"subject": "CN=getcertd CA, O="}}, "[ca] subject: 'CN=getcertd CA, O='"),
+             # SCEP clients encrypt to the CA's key without an RA: an EC CA would fail every PKIOperation
+             ({"ca": {"key_type": "ec-p256", "ra": "no"}},
+              "getcertd: [ca] ra = no needs an RSA CA key (SCEP clients encrypt requests to it with RSA); this CA's "
+              "key is ec-p256: set ra = yes")]
     try:
         for sections, line in cases:
             app = appliance_factory(sections=sections, start=False)
