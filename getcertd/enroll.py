@@ -22,7 +22,7 @@ from getcertd import keyjobs, scep
 from getcertd.ca import random_serial
 from getcertd.auth import Accept, Challenge, ChallengeStore, Identity, Reject, Throttle, throttle_key
 from getcertd.errors import (AuthenticationRequired, AuthUnavailable, FailInfo, MalformedRequest, ScepFailure,
-                             Throttled)
+                             Throttled, refusals_name)
 from getcertd.issuance import Record
 
 log = Logger()
@@ -118,8 +118,8 @@ class EnrollmentService:
 
     def _refuse(self, msg, failure, client):
         self._count("refused", failure.fail_info.name)
-        log.info("SCEP messageType {type} from {client} refused: {reason}", type=msg.message_type, client=client,
-                 reason=failure)
+        log.info("SCEP {type} from {client}{user} refused: {reason}", type=scep.message_type_name(msg.message_type),
+                 client=client, user=f" for {failure.user!r}" if failure.user else "", reason=failure)
         return self._reply(msg, scep.PkiStatus.FAILURE, fail_info=failure.fail_info, fail_info_text=failure.text)
 
     def _count(self, *key):
@@ -167,6 +167,11 @@ class EnrollmentService:
             identity, profile = self.renewal_identity(renewal_of, "renewal"), renewal_of.profile
         else:
             identity = await self._authenticate(credentials, csr, client, secure)
+        with refusals_name(identity.user):
+            return await self._enroll_as(identity, opened, public_key, spki, renewal_of, profile, client)
+
+    async def _enroll_as(self, identity, opened, public_key, spki, renewal_of, profile, client):
+        msg = opened.message
         if renewal_of is not None and identity.user != renewal_of.user:
             raise ScepFailure(FailInfo.badRequest, "a renewal must be made by the holder of the certificate")
         if identity.method == "challengePassword":
@@ -281,7 +286,7 @@ class EnrollmentService:
                 raise Throttled(self.challenges.ttl, "too many logins from here are waiting for a response")
             raise AuthenticationRequired(_prompt(result.message), token)
         self._count("auth", self.authenticator.name, "reject")
-        log.info("authentication failed for a request from {client}", client=client)
+        log.info("authentication failed for {user!r} from {client}", user=credentials.user, client=client)
         raise AuthenticationRequired()
 
     async def _authenticate(self, credentials, csr, client, secure) -> Identity:
@@ -306,7 +311,7 @@ class EnrollmentService:
                             session_timeout=result.identity.session_timeout,
                             profile_hints=result.identity.profile_hints, attributes=result.identity.attributes)
         self._count("auth", self.authenticator.name, "reject")
-        log.info("challengePassword authentication failed for a request from {client}", client=client)
+        log.info("challengePassword authentication failed for {user!r} from {client}", user=user, client=client)
         raise ScepFailure(FailInfo.badRequest, "authentication failed")
 
     async def _check(self, user, password, state, client):

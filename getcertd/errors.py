@@ -1,4 +1,5 @@
 """Typed errors that cross layers. One place (getcertd.web) maps them to protocol answers."""
+from contextlib import contextmanager
 from enum import IntEnum
 from typing import Optional
 
@@ -28,6 +29,18 @@ class ScepFailure(GetcertdError):
         self.fail_info = fail_info
         self.text = text  # what the client is told (failInfoText)
         self.detail = detail  # more, for the appliance's log only
+        self.user = None  # who asked, once authenticated (for the log)
+
+
+@contextmanager
+def refusals_name(user: str):
+    """A ScepFailure raised in the block names ``user`` (the authenticated requester) in the log."""
+    try:
+        yield
+    except ScepFailure as failure:
+        if failure.user is None:
+            failure.user = user
+        raise
 
 
 class AuthUnavailable(GetcertdError):

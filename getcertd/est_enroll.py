@@ -16,7 +16,7 @@ from twisted.logger import Logger
 
 from getcertd import est, scep
 from getcertd.enroll import Credentials
-from getcertd.errors import AuthenticationRequired, ScepFailure
+from getcertd.errors import AuthenticationRequired, ScepFailure, refusals_name
 
 log = Logger()
 
@@ -59,16 +59,18 @@ class EstService:
                 granted = replaces.profile
             else:
                 identity = await self.enrollment.authenticate(credentials, client)
-            profile = self.policy.choose_profile(identity, label, granted) if label else granted
-            public_key = csr.public_key()
-            spki = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-            cert = await self.enrollment.issue(identity, public_key, "est-" + hashlib.sha1(spki).hexdigest(),
-                                               client, profile=profile, replaces=replaces)
+            with refusals_name(identity.user):
+                profile = self.policy.choose_profile(identity, label, granted) if label else granted
+                public_key = csr.public_key()
+                spki = public_key.public_bytes(serialization.Encoding.DER,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+                cert = await self.enrollment.issue(identity, public_key, "est-" + hashlib.sha1(spki).hexdigest(),
+                                                   client, profile=profile, replaces=replaces)
         except ScepFailure as failure:
             if self.enrollment.stats is not None:
                 self.enrollment.stats.count("refused", failure.fail_info.name)
-            log.info("EST {operation} from {client} refused: {reason}", operation=operation, client=client,
-                     reason=failure)
+            log.info("EST {operation} from {client}{user} refused: {reason}", operation=operation, client=client,
+                     user=f" for {failure.user!r}" if failure.user else "", reason=failure)
             raise
         if bound:
             log.info("EST {operation} from {client}: the CSR was bound to its TLS session", operation=operation,

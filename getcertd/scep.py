@@ -48,7 +48,7 @@ __all__ = [
     "parse_issuer_and_serial", "build_issuer_and_serial",
     "parse_issuer_and_subject", "build_issuer_and_subject",
     "parse_csr", "challenge_password",
-    "new_transaction_id", "new_nonce",
+    "new_transaction_id", "new_nonce", "message_type_name",
     "CIPHERS", "DIGESTS",
 ]
 
@@ -61,6 +61,14 @@ class MessageType(IntEnum):
     CertPoll = 20
     GetCert = 21
     GetCRL = 22
+
+
+def message_type_name(message_type: int) -> str:
+    """'PKCSReq' for 19; 'messageType 99' for a value SCEP doesn't define."""
+    try:
+        return MessageType(message_type).name
+    except ValueError:
+        return f"messageType {message_type}"
 
 
 class PkiStatus(str, Enum):

@@ -135,6 +135,12 @@ def test_refusals_are_failure_certreps_and_garbage_is_400(app):
     rep, _ = weak.open_reply(body)
     assert rep.pki_status == scep.PkiStatus.FAILURE and rep.fail_info == FailInfo.badAlg
     assert "2048" in rep.fail_info_text and rep.content is None
+    # the log names the message type and who was refused, and whose login failed (an operator asked "who?")
+    assert "SCEP PKCSReq from 127.0.0.1 for 'alice' refused: badAlg: RSA keys must be at least 2048" in app.log()
+    status, _, _ = http(app.url + "?operation=PKIOperation", data=Requester(certs).message(), cafile=app.ca_pem,
+                        headers=basic("carol", "not her password"))
+    assert status == 401 and "authentication failed for 'carol' from 127.0.0.1" in app.log()
+    assert "not her password" not in app.log()
     v = openssl("cms", "-verify", "-inform", "DER", "-noverify", "-content", os.devnull, "-out", os.devnull, input=body)
     assert v.returncode == 0, v.stderr
     for garbage in (b"hello", b"\x30\x03\x02\x01\x01", b""):
