@@ -55,6 +55,7 @@ class Config:
     https_certificate: str
     https_key: str
     max_connections: int
+    max_connections_per_address: int
     request_timeout: int
     idle_timeout: int
     http_listen: str
@@ -110,6 +111,7 @@ def parse_duration(text: str) -> int:
 _SCHEMA = {
     "getcertd": {"state_dir": "/var/lib/getcertd", "server_name": "localhost", "key_helpers": "auto"},
     "https": {"listen": "tcp:8443:interface=127.0.0.1", "certificate": "", "key": "", "max_connections": "1000",
+              "max_connections_per_address": "100",
               "request_timeout": "30s", "idle_timeout": "60s"},
     "http": {"listen": ""},
     "scep": {"paths": "/cgi-bin/pkiclient.exe /scep", "allow_legacy_des": "no", "renewal_without_auth": "no"},
@@ -417,6 +419,8 @@ def _build(v, raw_profiles, source, read_file) -> Config:
         https_listen=_listen("https", https["listen"]) or _required("https", "listen"),
         https_certificate=https["certificate"], https_key=https["key"],
         max_connections=_int("https", "max_connections", https["max_connections"], 1),
+        max_connections_per_address=_int("https", "max_connections_per_address",
+                                         https["max_connections_per_address"], 1),
         request_timeout=max(_dur("https", "request_timeout", https["request_timeout"]), 1),
         idle_timeout=max(_dur("https", "idle_timeout", https["idle_timeout"]), 1),
         http_listen=_listen("http", v["http"]["listen"]), scep_paths=paths,

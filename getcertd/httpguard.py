@@ -47,6 +47,7 @@ class GuardedChannel(http.HTTPChannel):
     _body_bytes = 0
     _held = 0  # bytes of the current request counted in the site's ``held``
     _counted = False
+    _host = None  # the peer's IP address, counted in the site's by_address
     _between_requests = False
     _abort_call = None
 
@@ -176,7 +177,7 @@ class GuardedChannel(http.HTTPChannel):
         self._release()
         if self._counted:
             self._counted = False
-            self.factory.connection_closed()
+            self.factory.connection_closed(self._host)
         super().connectionLost(reason)
 
 
@@ -199,21 +200,24 @@ class Overloaded(protocol.Protocol):
 
 
 class GuardedSite(server.Site):
-    """A Site whose channels are GuardedChannels, at most ``max_connections`` at a time, holding at most
+    """A Site whose channels are GuardedChannels, at most ``max_connections`` at a time (``max_per_address`` from
+    one IP address), holding at most
     ``max_held`` bytes of request lines and bodies at a time (past it: 503 with Retry-After)."""
     protocol = GuardedChannel
     requestFactory = GuardedRequest
 
     def __init__(self, resource, max_connections=1000, request_timeout=30.0, idle_timeout=60.0, max_held=MAX_HELD,
-                 **kw):
+                 max_per_address=None, **kw):
         # getcertd reads request bodies raw (SCEP, EST), never as HTML forms: without this, every POST with a
         # Content-Type has it parsed with the email package (about a third of twisted.web's time per request).
         if "parsePOSTFormSubmission" in inspect.signature(server.Site.__init__).parameters:
             kw.setdefault("parsePOSTFormSubmission", False)
         super().__init__(resource, timeout=idle_timeout, **kw)
         self.max_connections = max_connections
+        self.max_per_address = max_per_address or max_connections
         self.request_timeout = request_timeout
         self.active = 0
+        self.by_address = {}  # IP address -> connections open from it
         self.refused = 0
         self.processing = 0  # requests received whole and not yet answered
         self.max_held = max_held
@@ -221,19 +225,26 @@ class GuardedSite(server.Site):
         self.refused_busy = 0
 
     def buildProtocol(self, addr):
-        if self.active >= self.max_connections:
+        host = getattr(addr, "host", None)  # None: a UNIX socket
+        if self.active >= self.max_connections or self.by_address.get(host, 0) >= self.max_per_address:
             self.refused += 1
             p = Overloaded()
             p.factory = self
             return p
         channel = super().buildProtocol(addr)
         channel.request_timeout = self.request_timeout
-        channel._counted = True
+        channel._counted, channel._host = True, host
         self.active += 1
+        if host is not None:
+            self.by_address[host] = self.by_address.get(host, 0) + 1
         return channel
 
-    def connection_closed(self):
+    def connection_closed(self, host=None):
         self.active -= 1
+        if host is not None:
+            left = self.by_address.pop(host) - 1
+            if left:
+                self.by_address[host] = left
 
 
 class Drain(service.Service):

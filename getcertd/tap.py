@@ -275,7 +275,9 @@ def _make(config, reactor, now):
             web.add_path(root, path, web.ScepResource(enrollment, material, secure, caps))
         if secure:  # EST is defined over TLS only
             web.add_path(root, est.WELL_KNOWN, est_web.EstRoot(EstService(enrollment, ca.certificate)))
-        sites.append(web.Site(root, max_connections=config.max_connections, request_timeout=config.request_timeout,
+        sites.append(web.Site(root, max_connections=config.max_connections,
+                              max_per_address=config.max_connections_per_address,
+                              request_timeout=config.request_timeout,
                               idle_timeout=config.idle_timeout))
         sites[-1].stats, sites[-1].endpoint = stats, endpoint_label(config.scep_paths)
         return sites[-1]

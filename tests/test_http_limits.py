@@ -45,6 +45,43 @@ def test_connection_cap_and_body_cap_on_a_clock():
     assert site.active == 0 and site.refused == 1
 
 
+def test_connections_from_one_address_are_capped_on_a_clock():
+    from twisted.internet.address import IPv4Address
+    clock = Clock()
+    site = GuardedSite(resource.Resource(), max_connections=10, max_per_address=2, reactor=clock)
+
+    def connect(host):
+        ch = site.buildProtocol(IPv4Address("TCP", host, 40000))
+        tr = StringTransport()
+        ch.makeConnection(tr)
+        return ch, tr
+    first, second = connect("192.0.2.1"), connect("192.0.2.1")
+    _, over = connect("192.0.2.1")
+    assert over.value().startswith(b"HTTP/1.1 503") and over.disconnecting and site.refused == 1
+    _, other = connect("192.0.2.2")  # another address still gets in
+    assert not other.value() and site.by_address == {"192.0.2.1": 2, "192.0.2.2": 1}
+    first[0].connectionLost(None)
+    _, again = connect("192.0.2.1")  # a slot given back
+    assert not again.value() and site.by_address["192.0.2.1"] == 2 and site.active == 3
+
+
+def test_one_address_cannot_take_every_connection_of_a_real_appliance(appliance_factory):
+    app = appliance_factory(sections={"https": {"max_connections": "10", "max_connections_per_address": "3"}})
+
+    def connect(source):
+        raw = socket.create_connection(("127.0.0.1", app.port), 5, source_address=(source, 0))
+        s = ssl.create_default_context(cafile=app.ca_pem).wrap_socket(raw, server_hostname="localhost")
+        s.settimeout(10)
+        return s
+    held = [connect("127.0.0.1") for _ in range(3)]
+    assert _read_all(connect("127.0.0.1")).startswith(b"HTTP/1.1 503")
+    other = connect("127.0.0.2")
+    other.sendall(b"GET /scep?operation=GetCACaps HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert b"POSTPKIOperation" in _read_all(other)
+    for s in held:
+        s.close()
+
+
 def _tls(app):
     ctx = ssl.create_default_context(cafile=app.ca_pem)
     s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", app.port), 5), server_hostname="localhost")
