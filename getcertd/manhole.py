@@ -11,7 +11,7 @@ import os
 from twisted.conch import manhole, manhole_ssh
 from twisted.conch.checkers import SSHPublicKeyChecker, readAuthorizedKeyFile
 from twisted.conch.insults import insults
-from twisted.conch.ssh import keys
+from twisted.conch.ssh import keys, transport
 from twisted.cred import portal
 from twisted.logger import Logger
 from twisted.conch.checkers import IAuthorizedKeysDB
@@ -65,6 +65,48 @@ class _LoggingChecker(SSHPublicKeyChecker):
         return d.addCallbacks(ok, refused)
 
 
+class _Transport(transport.SSHServerTransport):
+    """An SSH connection that must log in within the factory's ``login_timeout`` (conch waits 10 hours once the
+    key exchange is done, and forever before it)."""
+
+    _deadline = None
+
+    def connectionMade(self):
+        super().connectionMade()
+        self._deadline = self.factory.clock.callLater(self.factory.login_timeout, self._too_slow)
+
+    def _too_slow(self):
+        self._deadline = None
+        if getattr(self, "avatar", None) is None:  # conch's userauth sets it on a successful login
+            log.info("manhole: a connection did not log in within {t:.0f} s; closed", t=self.factory.login_timeout)
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self.factory.open -= 1
+        super().connectionLost(reason)
+
+
+class _Factory(manhole_ssh.ConchFactory):
+    """At most ``max_connections`` at a time (the manhole is for an admin or two, not for whoever connects)."""
+    protocol = _Transport
+    max_connections = 10
+    login_timeout = 60.0
+
+    def __init__(self, portal, clock):
+        super().__init__(portal)
+        self.clock = clock
+        self.open = 0
+
+    def buildProtocol(self, addr):
+        if self.open >= self.max_connections:
+            log.warn("manhole: refused a connection: {n} already open", n=self.open)
+            return None
+        self.open += 1
+        return super().buildProtocol(addr)
+
+
 class _Session(manhole_ssh.TerminalSession):
     def windowChanged(self, size):
         pass  # the manhole keeps its first size: good enough for a prompt
@@ -81,10 +123,10 @@ class _Realm(manhole_ssh.TerminalRealm):
         self.chainedProtocolFactory = lambda: insults.ServerProtocol(manhole.ColoredManhole, dict(namespace))
 
 
-def factory(namespace: dict, authorized_keys: str, host_key) -> manhole_ssh.ConchFactory:
+def factory(namespace: dict, authorized_keys: str, host_key, clock) -> manhole_ssh.ConchFactory:
     """The SSH server factory: ``host_key`` a cryptography private key (getcertd.state makes an Ed25519 one)."""
     checker = _LoggingChecker(AnyUserAuthorizedKeys(os.path.abspath(authorized_keys)))
-    f = manhole_ssh.ConchFactory(portal.Portal(_Realm(namespace), [checker]))
+    f = _Factory(portal.Portal(_Realm(namespace), [checker]), clock)
     key = keys.Key(host_key)
     # Instance dicts: ConchFactory's are class attributes, shared by every factory.
     f.publicKeys = {key.sshType(): key.public()}

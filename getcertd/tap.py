@@ -300,7 +300,8 @@ def _make(config, reactor, now):
         namespace = admin_ns.namespace(issuance_log=issuance_log, journal=journal, crl=crl, clock=reactor,
                                        stats=stats, config=config, radius=stats.radius, enrollment=enrollment)
         listen("manhole", config.manhole_listen, manhole.factory(
-            namespace, config.manhole_authorized_keys, state.load_or_create_ssh_host_key(config.state_dir)))
+            namespace, config.manhole_authorized_keys, state.load_or_create_ssh_host_key(config.state_dir),
+            reactor))
     if config.metrics_listen:
         listen("metrics", config.metrics_listen, web.Site(web.metrics_root(stats)))
     log.info("SCEP at {url}, EST at https://{authority}{est}/", url=scep_url, authority=authority, est=est.WELL_KNOWN)

@@ -16,6 +16,9 @@ import time
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 
 from appliance import children, free_port, running, tool
 from getcertd import scep
@@ -583,3 +586,39 @@ def test_configuration_mistakes_found_at_start_are_one_line_not_a_traceback(appl
             assert p.returncode == 1 and line in out and "Traceback" not in out, out[-3000:]
     finally:
         taken.close()
+
+
+def test_manhole_connections_are_capped_and_must_log_in_in_time(appliance_factory, keys):
+    """conch waits forever for an SSH connection that never exchanges keys, and 10 hours for one that never
+    logs in, with no cap on connections. Past 10 open the manhole refuses; one that has not logged in within
+    login_timeout is closed (that part on a deterministic clock below)."""
+    from getcertd import manhole
+    _, _, authorized = keys
+    port = free_port()
+    app = appliance_factory(sections=manhole_sections(authorized, port))
+    idle = [socket.create_connection(("127.0.0.1", port), 5) for _ in range(manhole._Factory.max_connections)]
+    for s in idle:
+        assert s.recv(100).startswith(b"SSH-2.0-")  # each got the server's version line
+    extra = socket.create_connection(("127.0.0.1", port), 5)
+    extra.settimeout(5)
+    assert extra.recv(100) == b""  # closed at once
+    deadline = time.monotonic() + 5
+    while "manhole: refused a connection: 10 already open" not in app.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "manhole: refused a connection: 10 already open" in app.log()
+    for s in idle:
+        s.close()
+
+    clock = Clock()
+    f = manhole.factory({}, str(authorized), ec.generate_private_key(ec.SECP256R1()), clock)
+    f.doStart()
+    p = f.buildProtocol(None)
+    tr = StringTransport()
+    p.makeConnection(tr)
+    clock.advance(f.login_timeout - 1)
+    assert not tr.disconnecting
+    clock.advance(1)
+    assert tr.disconnecting
+    p.connectionLost(None)
+    assert f.open == 0 and not clock.getDelayedCalls()
+    f.doStop()
