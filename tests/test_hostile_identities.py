@@ -177,11 +177,17 @@ def test_san_template_makes_exactly_one_entry(appliance_factory):
 
 
 def test_hostile_transaction_ids_do_not_forge_log_lines(appliance_factory):
-    """A transactionID is the client's string (UTF8String allowed): a retry of one is logged."""
+    """A transactionID is the client's string (UTF8String allowed). One with control characters or line breaks
+    is refused with a 400 (no real client sends one); the printable ones that look like log or JSON syntax
+    are issued, retried (the logged case) and found again after a restart."""
     app = appliance_factory(name="tid")
     certs = get_ca_certs(app.url, app.ca_pem)
+    for tid in ["T1\nINJECTED tid", "T2\r\nINJECTED tid", "T3\u2028INJECTED tid", "T4\x1b[2JINJECTED"]:
+        status, _, body = http(app.url + "?operation=PKIOperation", data=Requester(certs).message(transaction_id=tid),
+                               cafile=app.ca_pem, headers=basic("alice", "alice-pass"))
+        assert status == 400 and body == b"bad request: transactionID has control characters\n", body
     sent = []
-    for tid in ["T1\nINJECTED tid", "T2\r\nINJECTED tid", "T3\u2028INJECTED tid", "T4\x1b[2JINJECTED", 'T5","x":"']:
+    for tid in ['T5","x":"', "T6 ünïcödé {user} %s"]:
         r = Requester(certs)
         msg = r.message(transaction_id=tid)
         for _ in range(2):  # the second is a retry of an issued transaction: the logged case
