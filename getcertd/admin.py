@@ -132,7 +132,7 @@ def cmd_revoke(ctx, args, out):
     ctx.take_lock()
     reason = args.reason
     try:
-        reason = check_reason(int(reason) if reason.isdigit() else reason)
+        reason = check_reason(reason)
     except ValueError as e:
         raise ConfigError(f"{e}; reasons: {', '.join(CRL_REASONS.values())}") from None
     serial = None

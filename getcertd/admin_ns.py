@@ -181,8 +181,6 @@ class Revoked(list):
             n = self.crl["entries"]
             lines.append(f"CRL {self.crl['number']} published: {n} entr{'ies' if n != 1 else 'y'}, next update "
                          f"{self.crl['next_update']:%Y-%m-%d %H:%M:%S} UTC")
-        elif self:
-            lines.append("already revoked: no new CRL")
         return "\n".join(lines)
 
 

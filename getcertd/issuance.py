@@ -32,7 +32,10 @@ _intern = sys.intern
 
 
 def check_reason(reason) -> int:
-    """A CRLReason code (an int, or a name such as 'keyCompromise'); ValueError if it can't go on a CRL."""
+    """A CRLReason code (an int, its decimal text, or a name such as 'keyCompromise'); ValueError if it can't go
+    on a CRL."""
+    if isinstance(reason, str) and reason.strip().isdecimal() and reason.strip().isascii():
+        reason = int(reason)
     if isinstance(reason, str):
         if reason not in REASON_CODES:
             raise ValueError(f"unknown revocation reason {reason!r}")

@@ -9,7 +9,7 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from getcertd.issuance import check_reason
+from getcertd.issuance import CRL_REASONS, check_reason
 
 log = Logger()
 
@@ -48,9 +48,9 @@ def revoke(journal, crl, now: int, *, serial: int = None, user: str = None, reas
     """Revoke one certificate (``serial``) or every valid certificate of ``user``, with a CRLReason (code or
     name): journalled (fsynced) first, then a new CRL is published (when ``crl`` is given) that lists them.
 
-    Fires with ``(records, crl_info)``: the records now revoked (a certificate revoked before keeps its first
-    date and reason) and :meth:`CrlPublisher.info` of the new CRL (None without ``crl`` or when nothing was
-    newly revoked). Fails with NothingToRevoke, or ValueError for a bad reason.
+    Fires with ``(records, crl_info)``: the records now revoked and :meth:`CrlPublisher.info` of the new CRL
+    (None without ``crl``). Fails with NothingToRevoke (also for a serial already revoked: its first date and
+    reason stay), or ValueError for a bad reason.
     """
     if (serial is None) == (user is None):
         return defer.fail(TypeError("revoke: give a serial or a user"))
@@ -64,20 +64,23 @@ def revoke(journal, crl, now: int, *, serial: int = None, user: str = None, reas
         if record is None:
             return defer.fail(NothingToRevoke(f"no certificate with serial {format_serial(serial)} in the "
                                               "issuance log"))
-        already = record.revoked_at is not None
+        if record.revoked_at is not None:  # the first date and reason stay; say so rather than "revoked"
+            return defer.fail(NothingToRevoke(
+                f"serial {format_serial(serial)} was already revoked at "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(record.revoked_at))} UTC "
+                f"({CRL_REASONS.get(record.revocation_reason, record.revocation_reason)})"))
         d = journal.record_revocation(serial, reason, now).addCallback(lambda r: [r])
     else:
         targets = [r for r in log_.by_user(user) if r.revoked_at is None and r.not_after > now]
         if not targets:
             return defer.fail(NothingToRevoke(f"{user!r} holds no unrevoked, unexpired certificate"))
-        already = False
         d = journal.record_user_revocation(user, reason, now)
 
     def published(records):
         for r in records:
             log.info("revoked serial {serial} of {user!r} ({reason})", serial=format_serial(r.serial), user=r.user,
                      reason=r.revocation_reason)
-        if crl is None or already:
+        if crl is None:
             return records, None
         return crl.publish().addCallback(lambda info: (records, info))
     return d.addCallback(published)

@@ -368,6 +368,9 @@ def test_getcertd_admin_list_revoke_crl(appliance_factory, tmp_path):
     p = admin("--state-dir", app.state_dir, "revoke", serials["a0"].lower(), "--reason", "keyCompromise")
     assert p.returncode == 0, p.stderr
     assert p.stdout.split("\t")[:2] == [serials["a0"], "revoked"] and "/keyCompromise" in p.stdout
+    p = admin("--state-dir", app.state_dir, "revoke", serials["a0"], "--reason", "superseded")  # again: said so
+    assert p.returncode == 1 and f"serial {serials['a0']} was already revoked at " in p.stderr, p.stderr
+    assert "(keyCompromise)" in p.stderr and not p.stdout
     p = admin("--config", app.config_path, "revoke", "--user", "bob", "--reason", "4")
     assert p.returncode == 0 and p.stdout.startswith(serials["b"]) and "/superseded" in p.stdout, p.stderr
     assert admin("--state-dir", app.state_dir, "revoke", "--user", "bob").returncode == 1

@@ -165,9 +165,11 @@ def test_revoke_by_serial_and_user_journals_then_publishes(plane, tmp_path):
     out = fired(ns["revoke"]("0ABC", "keyCompromise"))
     assert [r.serial for r in out] == [0x0ABC] and out.crl["number"] == first + 1 and out.crl["entries"] == 1
     assert "revoked 0ABC (alice, keyCompromise" in repr(out) and f"CRL {first + 1} published: 1 entry" in repr(out)
-    again = fired(ns["revoke"](0x0ABC, "superseded"))
-    assert "already revoked: no new CRL" in repr(again) and again[0].revocation_reason == 1
-    out = fired(ns["revoke"]("bob", 4))
+    again = ns["revoke"](0x0ABC, "superseded")  # said plainly, not "revoked" again; the first reason stays
+    assert re.fullmatch(r"nothing revoked: serial 0ABC was already revoked at \S+ \S+ UTC \(keyCompromise\)",
+                        repr(again)), repr(again)
+    assert journal.log.get(0x0ABC).revocation_reason == 1 and crl.number == first + 1
+    out = fired(ns["revoke"]("bob", "4"))  # a reason code as text, as typed at the prompt
     assert [r.serial for r in out] == [0x1234] and crl.number == first + 2
     assert repr(ns["revoke"]("bob")) == "nothing revoked: 'bob' holds no unrevoked, unexpired certificate"
     assert repr(ns["revoke"]("carol")).startswith("nothing revoked: no user and no serial 'carol'")
