@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -120,6 +121,18 @@ def ca_certificate_problems(cert: x509.Certificate) -> Tuple[Optional[str], List
     return None, warnings
 
 
+def chain_problem(chain: Sequence[x509.Certificate]) -> Optional[str]:
+    """Why ``chain`` (a CA certificate, then its issuer, ... up to a root) is not one, or None."""
+    for below, above in zip(chain, chain[1:]):
+        try:
+            below.verify_directly_issued_by(above)
+        except (ValueError, TypeError, InvalidSignature):
+            return (f"{below.subject.rfc4514_string()!r} is not issued by the certificate after it, "
+                    f"{above.subject.rfc4514_string()!r} (put the CA certificate first, then its issuer, up to the "
+                    "root)")
+    return None
+
+
 def make_ca_certificate(key, subject: str, now: datetime.datetime, lifetime: datetime.timedelta,
                         random=os.urandom) -> x509.Certificate:
     """A self-signed CA certificate."""
@@ -136,9 +149,16 @@ def make_ca_certificate(key, subject: str, now: datetime.datetime, lifetime: dat
 
 @dataclass(frozen=True)
 class CertificateAuthority:
-    """The CA key and certificate; ``chain`` is what GetCACert and TLS present above an issued certificate."""
+    """The CA key and certificate; ``issuers``: the certificates above it when it is a sub-CA (its issuer first,
+    up to the root), which GetCACert and EST cacerts hand out with it."""
     key: object
     certificate: x509.Certificate
+    issuers: Tuple[x509.Certificate, ...] = ()
+
+    @property
+    def chain(self) -> Tuple[x509.Certificate, ...]:
+        """This CA's certificate and its issuers."""
+        return (self.certificate,) + tuple(self.issuers)
 
     def _builder(self, subject: x509.Name, public_key, not_before, not_after, serial):
         return (_base_builder(subject, self.certificate.subject, public_key, serial, not_before, not_after)

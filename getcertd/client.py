@@ -22,8 +22,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.internet import defer, protocol, ssl, task, threads
+from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, PotentialDataLoss, ResponseDone
 from twisted.web.http_headers import Headers
@@ -119,12 +120,27 @@ def peer_chain(host: str, port: int, timeout: float = 15.0):
         sock.close()
 
 
+@implementer(IOpenSSLTrustRoot)
+class _Anchors:
+    """Trust exactly these certificates, a sub-CA's too: OpenSSL otherwise wants every chain to end in a
+    self-signed certificate, so pinning a sub-CA (--ca-fingerprint of the issuing CA) failed."""
+
+    def __init__(self, certs):
+        self._certs = [crypto.X509.from_cryptography(c) for c in certs]
+
+    def _addCACertsToContext(self, context):  # IOpenSSLTrustRoot
+        store = context.get_cert_store()
+        for cert in self._certs:
+            store.add_cert(cert)
+        store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
+
+
 @implementer(IPolicyForHTTPS)
 class PinnedTrust:
     """Verify the server's chain against our trust anchors and its name with service_identity, TLS 1.2+."""
 
     def __init__(self, anchors):
-        self.root = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(_pem(c)) for c in anchors])
+        self.root = _Anchors(anchors)
 
     def creatorForNetloc(self, hostname, port):
         return ssl.optionsForClientTLS(hostname.decode("idna"), trustRoot=self.root,
@@ -236,10 +252,42 @@ def _load_ca_certs(content_type: bytes, body: bytes):
         certs, _ = scep.parse_degenerate(body)
     else:
         certs = [x509.load_der_x509_certificate(body)]
-    roots = [c for c in certs if c.issuer == c.subject]
-    if not roots:
-        raise ClientError("GetCACert gave no self-signed CA certificate")
     return certs
+
+
+def _is_ca(cert) -> bool:
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except (x509.ExtensionNotFound, ValueError):
+        return False
+
+
+def find_ca(certs, anchors, what: str):
+    """The CA that issues our certificate, from a GetCACert or cacerts answer: its lowest CA certificate (no other
+    one there is issued by it; a sub-CA comes with its issuers), which must be one we trust (--cafile,
+    --ca-fingerprint) or chain up to one through the answer."""
+    der = lambda c: c.public_bytes(serialization.Encoding.DER)  # noqa: E731
+    anchor_der = {der(a) for a in anchors}
+    cas = [c for c in certs if _is_ca(c)]
+    lowest = [c for c in cas if not any(o is not c and o.issuer == c.subject for o in cas)]
+
+    def trusted(cert, depth=0):
+        if der(cert) in anchor_der:
+            return True
+        for parent in [c for c in cas if c is not cert] + list(anchors):
+            if depth < 8 and parent.subject == cert.issuer:
+                try:
+                    cert.verify_directly_issued_by(parent)
+                except Exception:  # noqa: BLE001 - another key, another algorithm: not this one
+                    continue
+                if der(parent) in anchor_der or trusted(parent, depth + 1):
+                    return True
+        return False
+    ca = next((c for c in lowest if trusted(c)), None)
+    if ca is None:
+        raise ClientError(f"the CA certificate from {what} is not, and is not issued by, one you trust "
+                          "(--cafile/--ca-fingerprint)")
+    return ca
 
 
 def _select_ra(certs, ca):
@@ -297,11 +345,7 @@ async def _enroll_scep(session, anchors, args):
     response, body = await session.get("GetCACert", "&message=getcert")
     content_type = (response.headers.getRawHeaders(b"Content-Type") or [b""])[0]
     certs = _load_ca_certs(content_type, body)
-    anchor_der = {a.public_bytes(serialization.Encoding.DER) for a in anchors}
-    ca = next((c for c in certs if c.issuer == c.subject
-               and c.public_bytes(serialization.Encoding.DER) in anchor_der), None)
-    if ca is None:
-        raise ClientError("the CA certificate from GetCACert is not the one you trust (--cafile/--ca-fingerprint)")
+    ca = find_ca(certs, anchors, "GetCACert")
     recipient = _select_ra(certs, ca)
 
     now = datetime.datetime.now(datetime.timezone.utc)

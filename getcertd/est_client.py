@@ -12,7 +12,7 @@ from twisted.internet import task
 
 from getcertd import est, scep
 from getcertd.ca import generate_key
-from getcertd.client import ClientError, _csr, _spki, printable
+from getcertd.client import ClientError, _csr, _spki, find_ca, printable
 from getcertd.errors import GetcertdError
 
 MAX_WAITS = 3
@@ -51,11 +51,7 @@ async def enroll_est(reactor, session, anchors):
         certs, _ = scep.parse_degenerate(est.decode_body(body, "cacerts"))
     except GetcertdError as e:
         raise ClientError(f"the cacerts answer can't be read: {e}")
-    anchor_der = {a.public_bytes(serialization.Encoding.DER) for a in anchors}
-    ca = next((c for c in certs if c.issuer == c.subject
-               and c.public_bytes(serialization.Encoding.DER) in anchor_der), None)
-    if ca is None:
-        raise ClientError("the CA certificate from cacerts is not the one you trust (--cafile/--ca-fingerprint)")
+    ca = find_ca(certs, anchors, "cacerts")
 
     key = generate_key(args.key_type)
     request = est.encode_body(_csr(key, args.user).public_bytes(serialization.Encoding.DER))

@@ -7,7 +7,7 @@ getcertd.web.answer_error, the one place they become HTTP answers.
 """
 import hashlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -33,10 +33,10 @@ class TlsSession:
 class EstService:
     """cacerts, csrattrs, simpleenroll and simplereenroll on top of the enrollment service."""
 
-    def __init__(self, enrollment, ca_certificate: x509.Certificate):
+    def __init__(self, enrollment, ca_chain: Sequence[x509.Certificate]):
         self.enrollment = enrollment
         self.policy = enrollment.policy
-        self.cacerts = est.certs_only([ca_certificate])
+        self.cacerts = est.certs_only(list(ca_chain))  # the CA's certificate, then its issuers for a sub-CA
         self.csrattrs = est.csr_attributes()
 
     def has_label(self, label: str) -> bool:

@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.application import service
 
-from getcertd.ca import (CertificateAuthority, ca_certificate_problems, cert_pem, fingerprint, generate_key, key_pem,
-                         make_ca_certificate)
+from getcertd.ca import (CertificateAuthority, ca_certificate_problems, cert_pem, chain_problem, fingerprint,
+                         generate_key, key_pem, make_ca_certificate)
 from getcertd.config import parse_config
 from getcertd.errors import ConfigError
 from getcertd.local import parse_users
@@ -114,18 +114,17 @@ def load_key(path: str, what: str, passphrase=None, check_mode=True):
 
 
 def load_cert(path: str, what: str) -> x509.Certificate:
+    return load_certs(path, what)[0]
+
+
+def load_certs(path: str, what: str) -> list:
+    """The certificates of a PEM file, in order, or the one of a DER file."""
     try:
         with open(path, "rb") as f:
             data = f.read()
-        return x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data else x509.load_der_x509_certificate(data)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{what} {path}: {e}") from None
-
-
-def load_cert_chain(path: str, what: str):
-    try:
-        with open(path, "rb") as f:
-            return x509.load_pem_x509_certificates(f.read())
+        if b"-----BEGIN" in data:
+            return x509.load_pem_x509_certificates(data)
+        return [x509.load_der_x509_certificate(data)]
     except (OSError, ValueError) as e:
         raise ConfigError(f"{what} {path}: {e}") from None
 
@@ -154,9 +153,14 @@ def read_passphrase(path: str):
 
 def load_or_create_ca(config, now: datetime.datetime, log) -> CertificateAuthority:
     passphrase = read_passphrase(config.ca_key_passphrase_file)
+    issuers = []
     if config.ca_certificate:
         key = load_key(config.ca_key, "[ca] key", passphrase)
-        cert = load_cert(config.ca_certificate, "[ca] certificate")
+        # a sub-CA's file may hold its issuers after it, up to the root: handed out with it
+        cert, *issuers = load_certs(config.ca_certificate, "[ca] certificate")
+        problem = chain_problem([cert, *issuers])
+        if problem:
+            raise ConfigError(f"[ca] certificate {config.ca_certificate}: {problem}")
         refusal, warnings = ca_certificate_problems(cert)
         if refusal:
             raise ConfigError(f"[ca] certificate {config.ca_certificate}: {refusal}")
@@ -183,7 +187,10 @@ def load_or_create_ca(config, now: datetime.datetime, log) -> CertificateAuthori
     if not _same_public_key(key, cert):
         raise ConfigError("the CA key does not match the CA certificate")
     log.info("CA {subject}, SHA-256 fingerprint {fp}", subject=cert.subject.rfc4514_string(), fp=fingerprint(cert))
-    return CertificateAuthority(key, cert)
+    if issuers:
+        log.info("CA issued by {chain}: handed out with it", chain=" < ".join(
+            c.subject.rfc4514_string() for c in issuers))
+    return CertificateAuthority(key, cert, tuple(issuers))
 
 
 def _load_or_issue(state_dir, name, now, ca, make_key, issue, still_good):
@@ -216,7 +223,7 @@ def load_or_create_ra(config, ca: CertificateAuthority, now: datetime.datetime):
 def load_or_create_tls(config, ca: CertificateAuthority, now: datetime.datetime):
     """(key, certificate, chain): the configured PEM files, or a certificate from our CA for server_name."""
     if config.https_certificate:
-        chain = load_cert_chain(config.https_certificate, "[https] certificate")
+        chain = load_certs(config.https_certificate, "[https] certificate")
         key = load_key(config.https_key, "[https] key")
         if not chain or not _same_public_key(key, chain[0]):
             raise ConfigError("[https] key does not match [https] certificate")

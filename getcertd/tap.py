@@ -55,17 +55,18 @@ class Options(usage.Options):
 
 
 class CaMaterial:
-    """What GetCACert and GetCACertChain return, built once."""
+    """What GetCACert and GetCACertChain return, built once: the RA certificate (if any), the CA's, and the CA's
+    issuers when it is a sub-CA (RFC 8894 section 4.2.1.2: the chain in a degenerate PKCS#7)."""
 
-    def __init__(self, ca_cert, ra_cert=None):
-        der = lambda c: c.public_bytes(serialization.Encoding.DER)  # noqa: E731
-        if ra_cert is not None:
+    def __init__(self, ca_chain, ra_cert=None):
+        certs = ([ra_cert] if ra_cert is not None else []) + list(ca_chain)
+        if len(certs) > 1:
             self.ca_cert_type = b"application/x-x509-ca-ra-cert"
-            self.ca_cert_body = scep.degenerate_pkcs7([ra_cert, ca_cert])
+            self.ca_cert_body = scep.degenerate_pkcs7(certs)
         else:
             self.ca_cert_type = b"application/x-x509-ca-cert"
-            self.ca_cert_body = der(ca_cert)
-        self.chain_body = scep.degenerate_pkcs7([c for c in (ra_cert, ca_cert) if c is not None])
+            self.ca_cert_body = certs[0].public_bytes(serialization.Encoding.DER)
+        self.chain_body = scep.degenerate_pkcs7(certs)
 
 
 def caps_for(config) -> bytes:
@@ -251,7 +252,7 @@ def _make(config, reactor, now):
         challenge_user=config.challenge_user, crl=crl, crl_url=config.crl_url or None,
         challenges=ChallengeStore(), stats=stats)
 
-    material = CaMaterial(ca.certificate, ra_cert)
+    material = CaMaterial(ca.chain, ra_cert)
     caps = caps_for(config)
     port = listen_port(config.https_listen)
     authority = config.server_name if ":" not in config.server_name else f"[{config.server_name}]"  # IPv6
@@ -274,7 +275,7 @@ def _make(config, reactor, now):
         for path in config.scep_paths:
             web.add_path(root, path, web.ScepResource(enrollment, material, secure, caps))
         if secure:  # EST is defined over TLS only
-            web.add_path(root, est.WELL_KNOWN, est_web.EstRoot(EstService(enrollment, ca.certificate)))
+            web.add_path(root, est.WELL_KNOWN, est_web.EstRoot(EstService(enrollment, ca.chain)))
         sites.append(web.Site(root, max_connections=config.max_connections,
                               max_per_address=config.max_connections_per_address,
                               request_timeout=config.request_timeout,

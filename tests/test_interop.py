@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from appliance import Appliance
+from appliance import Appliance, tool
 from getcertd import scep
 from getcertd.errors import FailInfo
 from peers import (CERTMONGER, SCEP_SUBMIT, Pki, certmonger_enroll, certmonger_version, interop_row, require,
@@ -340,3 +340,88 @@ def test_expired_ca_refused_at_start_when_it_must_issue_ra_or_tls(appliance_fact
         appliance_factory(sections={"ca": {"certificate": cert_path, "key": key_path}})
     assert "the CA certificate expired on 2026-05-29" in str(caught.value)
     assert "can't issue its RA or TLS certificate" in str(caught.value)
+
+
+# --- a sub-CA: the company's root issued getcertd's CA ------------------------------------------------------
+
+def _ca_pair(name, signer_key=None, issuer=None):
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer or subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                         crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(signer_key or key, hashes.SHA256()))
+    return key, cert
+
+
+def test_a_sub_ca_hands_out_its_chain_and_clients_trusting_the_root_enroll(appliance_factory, tmp_path):
+    """[ca] certificate holding the CA's certificate and then its issuer: GetCACert, GetCACertChain and EST
+    cacerts carry the root too (they carried only the sub-CA, so a client trusting the company root could not
+    build a chain), our client trusting only the root enrolls by SCEP and EST, certmonger too, and openssl
+    verifies what was issued up to the root."""
+    pem = lambda c: c.public_bytes(serialization.Encoding.PEM)  # noqa: E731
+    root_key, root = _ca_pair("Example Corp Root")
+    sub_key, sub = _ca_pair("Example VPN CA", root_key, root.subject)
+    (tmp_path / "root.pem").write_bytes(pem(root))
+    (tmp_path / "chain.pem").write_bytes(pem(sub) + pem(root))
+    key_path = _private_pem(tmp_path / "sub.key", sub_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    root_pem = str(tmp_path / "root.pem")
+    app = appliance_factory(sections={"ca": {"certificate": str(tmp_path / "chain.pem"), "key": key_path},
+                                      "policy": {"max_valid_per_user": "0"}}, users={"alice": PASSWORD})
+    assert "CA issued by CN=Example Corp Root: handed out with it" in app.log()
+    for operation in ("GetCACert", "GetCACertChain"):
+        status, headers, body = http(app.url + f"?operation={operation}", cafile=root_pem)
+        certs = scep.parse_degenerate(body)[0]
+        assert status == 200 and certs[1:] == [sub, root] and certs[0].issuer == sub.subject, operation
+    out = tmp_path / "scep"
+    p = app.getcert("alice", [PASSWORD], out, cafile=root_pem)
+    assert p.returncode == 0, p.stderr
+    assert open(out / "ca.pem", "rb").read() == pem(sub)  # the issuing CA, which the gateway is told to trust
+    v = openssl("verify", "-CAfile", root_pem, "-untrusted", str(tmp_path / "chain.pem"), str(out / "cert.pem"))
+    assert v.returncode == 0, v.stdout + v.stderr
+    est_url = app.url.replace("/scep", "/.well-known/est")
+    p = app.getcert("alice", [PASSWORD], tmp_path / "est", "--protocol", "est", url=est_url, cafile=root_pem)
+    assert p.returncode == 0, p.stderr
+    fingerprint = "sha256:" + sub.fingerprint(hashes.SHA256()).hex()  # pinned to the sub-CA: also fine
+    p = app.getcert("alice", [PASSWORD], tmp_path / "pinned", "--ca-fingerprint", fingerprint)
+    assert p.returncode == 0, p.stderr
+    with interop_row("certmonger with a sub-CA", certmonger_version(), "HTTPS",
+                     "challengePassword (CN names the user)") as r:
+        result = certmonger_enroll(tmp_path / "certmonger", app.url, subject="CN=alice", challenge=PASSWORD,
+                                   ca_pem=root_pem, bundle=root_pem)
+        assert result.returncode == 0 and "status: MONITORING" in result.output, result.output[-4000:]
+        v = openssl("verify", "-CAfile", root_pem, "-untrusted", str(tmp_path / "chain.pem"), result.cert_path)
+        assert v.returncode == 0, v.stdout + v.stderr
+        r["result"] = "pass (the root trusted, the sub-CA's chain from GetCACert)"
+    # the chain in the wrong order is one line at start
+    (tmp_path / "wrong.pem").write_bytes(pem(root) + pem(sub))
+    bad = appliance_factory(sections={"ca": {"certificate": str(tmp_path / "wrong.pem"), "key": key_path}},
+                            start=False)
+    p = subprocess.run([tool("twistd"), "-n", "--pidfile", "", "getcertd", "--config", bad.config_path],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "is not issued by the certificate after it" in p.stdout + p.stderr
+
+
+def test_the_client_finds_the_issuing_ca_and_its_way_to_a_trusted_one():
+    from getcertd.client import ClientError, find_ca
+    root_key, root = _ca_pair("Root")
+    sub_key, sub = _ca_pair("Sub", root_key, root.subject)
+    _, other = _ca_pair("Other")
+    ra = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "RA")]))
+          .issuer_name(sub.subject).public_key(ec.generate_private_key(ec.SECP256R1()).public_key())
+          .serial_number(1).not_valid_before(sub.not_valid_before_utc).not_valid_after(sub.not_valid_after_utc)
+          .sign(sub_key, hashes.SHA256()))
+    assert find_ca([ra, sub, root], [root], "GetCACert") == sub
+    assert find_ca([ra, sub, root], [sub], "GetCACert") == sub
+    assert find_ca([ra, sub], [root], "GetCACert") == sub  # the root left out: the anchor itself issued it
+    assert find_ca([root], [root], "GetCACert") == root
+    for certs, anchors in (([ra, sub, root], [other]), ([ra, sub], [other]), ([sub, root], [ra])):
+        with pytest.raises(ClientError, match="is not, and is not issued by, one you trust"):
+            find_ca(certs, anchors, "GetCACert")
