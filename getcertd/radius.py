@@ -488,10 +488,8 @@ class _Server:
         self.last_rtt: Optional[float] = None
 
     def is_up(self, now: float) -> bool:
-        if self.dead_until is not None and now >= self.dead_until:
-            self.dead_until = None
-            log.info("RADIUS server {server} is no longer marked dead", server=self.label)
-        return self.dead_until is None
+        """Not marked dead, or its dead_time is over (it is tried again). No side effects: status() reads it."""
+        return self.dead_until is None or now >= self.dead_until
 
     def allocate_identifier(self) -> Optional[int]:
         if len(self.in_flight) >= 256:
@@ -604,7 +602,9 @@ class RadiusClientProtocol(DatagramProtocol):
         server.last_rtt = self.clock.seconds() - request.first_sent
         if self.rtt_observer is not None:
             self.rtt_observer(server.label, server.last_rtt)
-        server.dead_until = None
+        if server.dead_until is not None:
+            log.info("RADIUS server {server} answers again", server=server.label)
+            server.dead_until = None
         if reply.code == ACCESS_ACCEPT:
             server.accepts += 1
         elif reply.code == ACCESS_REJECT:

@@ -456,10 +456,21 @@ def test_dead_marking_and_recovery():
     clock.advance(29.999)  # marked dead at t=2
     assert proto.status()["servers"][0]["state"] == "dead"
     clock.advance(0.001)
-    assert proto.status()["servers"][0]["state"] == "up"
-    transport.written.clear()
-    results(proto.access_request("u3", b"pw"))
-    assert [addr for _, addr in transport.written] == [A]
+    from twisted.logger import formatEvent, globalLogPublisher
+    said = []
+    globalLogPublisher.addObserver(said.append)
+    try:
+        # reading the status changes nothing and says nothing (it logged "no longer marked dead" on each read)
+        assert [proto.status()["servers"][0]["state"] for _ in range(2)] == ["up", "up"]
+        assert not [e for e in said if "RADIUS" in formatEvent(e)]
+        transport.written.clear()
+        results(proto.access_request("u3", b"pw"))
+        assert [addr for _, addr in transport.written] == [A]
+        proto.datagramReceived(reply_to(transport.written[-1][0], ACCESS_ACCEPT), A)
+        assert [formatEvent(e) for e in said if "RADIUS" in formatEvent(e)] == [
+            f"RADIUS server {A[0]}:{A[1]} answers again"]
+    finally:
+        globalLogPublisher.removeObserver(said.append)
 
 
 def test_all_dead_are_tried_anyway_and_a_reply_revives():
