@@ -24,6 +24,7 @@ from getcertd.auth import Accept, Challenge, ChallengeStore, Identity, Reject, T
 from getcertd.errors import (AuthenticationRequired, AuthUnavailable, FailInfo, MalformedRequest, ScepFailure,
                              Throttled, refusals_name)
 from getcertd.issuance import Record
+from getcertd.operations import format_serial
 
 log = Logger()
 
@@ -434,8 +435,8 @@ class EnrollmentService:
             else:
                 del self._pending_users[user]
         self._count("issued", decision.profile)
-        log.info("issued serial {serial:x} to {user!r} ({profile}, until {until}) for {client}", serial=serial,
-                 user=identity.user, profile=decision.profile, until=decision.not_after.isoformat(), client=client)
+        log.info("issued serial {serial} to {user!r} ({profile}, until {until}) for {client}",
+                 serial=format_serial(serial), user=identity.user, profile=decision.profile, until=decision.not_after.isoformat(), client=client)
         return der, extra
 
     def _new_serial(self) -> int:

@@ -30,6 +30,7 @@ from getcertd.config import ProfileConfig
 from getcertd.errors import ScepFailure
 from getcertd.issuance import IssuanceLog
 from getcertd.journal import replay
+from getcertd.operations import format_serial
 from getcertd.policy import Policy, check_public_key
 from peers import Pki, interop_row
 from scepclient import http
@@ -265,7 +266,7 @@ def test_strongswan_pki_estca_est_and_reenroll(app, pki, tmp_path):
         row["cipher/digest"] = pki_suite(stderr)
         cert = pem_cert(cert_path)
         assert cert.subject.rfc4514_string() == SUBJECT  # from the policy, not the CSR
-        assert f"issued serial {cert.serial_number:x} to 'alice'" in app.log()
+        assert f"issued serial {format_serial(cert.serial_number)} to 'alice'" in app.log()
         assert record_of(app, cert).auth_method == "local"
 
     with interop_row("strongSwan pki --est --cert --key (simplereenroll)", pki.describe(), "HTTPS",
@@ -294,7 +295,7 @@ def test_strongswan_pki_est_radius_pap(appliance_factory, radius_server, pki, tm
         row["cipher/digest"] = pki_suite(stderr)
         cert = pem_cert(cert_path)
         assert cert.subject.rfc4514_string() == SUBJECT
-        assert f"issued serial {cert.serial_number:x} to 'alice'" in app.log()
+        assert f"issued serial {format_serial(cert.serial_number)} to 'alice'" in app.log()
         assert record_of(app, cert).auth_method == "radius-pap"
 
 

@@ -19,6 +19,7 @@ from cryptography.x509.oid import NameOID
 from appliance import Appliance, tool
 from getcertd import scep
 from getcertd.errors import FailInfo
+from getcertd.operations import format_serial
 from peers import (CERTMONGER, SCEP_SUBMIT, Pki, certmonger_enroll, certmonger_version, interop_row, require,
                    tree_state)
 from scepclient import Requester, basic, get_ca_certs, http
@@ -67,7 +68,7 @@ def check_issued(app, cert_path):
     assert v.returncode == 0, v.stdout + v.stderr
     cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
     assert cert.subject.rfc4514_string() == SUBJECT
-    assert f"issued serial {cert.serial_number:x} to 'alice'" in app.log()
+    assert f"issued serial {format_serial(cert.serial_number)} to 'alice'" in app.log()
     return cert
 
 
