@@ -36,18 +36,30 @@ def load_config(path: str):
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
+            world_readable = os.fstat(f.fileno()).st_mode & stat.S_IROTH
     except OSError as e:
         raise ConfigError(f"can't read the configuration {path}: {e.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"the configuration {path} is not UTF-8 text") from None
 
+    secret_files = []
+
     def read_secret(secret_path):
+        secret_files.append(secret_path)
         try:
             with open(secret_path, "rb") as f:
+                mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+                if mode & 0o077:  # as for the CA key: the secret lets anyone forge RADIUS answers
+                    raise ConfigError(f"[radius] secret_file {secret_path} is readable by others (mode {mode:o}); "
+                                      f"run: chmod 600 {secret_path}")
                 return f.read()
         except OSError as e:
             raise ConfigError(f"[radius] secret_file {secret_path}: {e.strerror}") from None
-    return parse_config(text, source=path, read_file=read_secret)
+    config = parse_config(text, source=path, read_file=read_secret)
+    if world_readable and config.radius.secret and not secret_files:
+        raise ConfigError(f"{path} holds the [radius] secret and every user can read it: run chmod o-r {path}, or "
+                          "put the secret in a secret_file (mode 0600)")
+    return config
 
 
 def ensure_state_dir(path: str) -> None:

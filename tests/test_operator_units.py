@@ -459,3 +459,27 @@ def test_the_manhole_names_users_and_addresses_that_must_wait():
     addresses.failure("192.0.2.7", 0)
     assert repr(view) == "user 'alice' must wait 1 s\naddress '192.0.2.7' must wait 1 s"
     assert view.clear("ALICE") == "'ALICE': failures of the user name forgotten"
+
+
+def test_the_radius_secret_is_refused_where_other_users_can_read_it(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"s3cret\n")
+    conf = tmp_path / "getcertd.ini"
+    base = "[getcertd]\nstate_dir = /tmp/x\n[auth]\nbackend = radius\n[radius]\nservers = 127.0.0.1:1812\n"
+    conf.write_text(base + f"secret_file = {secret}\n")
+    for mode, refused in ((0o644, True), (0o640, True), (0o600, False)):
+        secret.chmod(mode)
+        if refused:
+            with pytest.raises(ConfigError, match=rf"secret_file {secret} is readable by others \(mode {mode:o}\); "
+                                                  rf"run: chmod 600"):
+                state.load_config(str(conf))
+        else:
+            assert state.load_config(str(conf)).radius.secret == b"s3cret"
+    conf.write_text(base + "secret = s3cret\n")
+    for mode, refused in ((0o644, True), (0o640, False), (0o600, False)):
+        conf.chmod(mode)
+        if refused:
+            with pytest.raises(ConfigError, match="holds the \\[radius\\] secret and every user can read it"):
+                state.load_config(str(conf))
+        else:
+            assert state.load_config(str(conf)).radius.secret == b"s3cret"
