@@ -158,6 +158,14 @@ def _dur(section, key, value):
         raise ConfigError(f"[{section}] {key}: {e}") from None
 
 
+def _positive_dur(section, key, value):
+    """A duration that must be at least a second (0 would not mean 'no limit': say so instead of clamping)."""
+    seconds = _dur(section, key, value)
+    if seconds < 1:
+        raise ConfigError(f"[{section}] {key}: at least 1s")
+    return seconds
+
+
 def _skew(value):
     skew = _dur("policy", "skew", value)
     if skew > 86400:  # it only backdates notBefore, but a certificate valid long before it was issued is no help
@@ -372,7 +380,7 @@ def _build(v, raw_profiles, source, read_file) -> Config:
         if rad["profile_attribute"] not in ("Class", "Filter-Id"):
             raise ConfigError("[radius] profile_attribute: Class or Filter-Id")
         radius = RadiusConfig(
-            servers=servers, secret=secret, timeout=max(_dur("radius", "timeout", rad["timeout"]), 1),
+            servers=servers, secret=secret, timeout=_positive_dur("radius", "timeout", rad["timeout"]),
             retries=_int("radius", "retries", rad["retries"]), nas_identifier=rad["nas_identifier"],
             require_message_authenticator=_bool("radius", "require_message_authenticator",
                                                 rad["require_message_authenticator"]),
@@ -386,11 +394,11 @@ def _build(v, raw_profiles, source, read_file) -> Config:
             name, _dur(sec, "lifetime", p["lifetime"]) if "lifetime" in p else profiles["default"].lifetime,
             p.get("subject", pol["subject"]), p.get("san", pol["san"]), tuple(p.get("eku", pol["eku"]).split()))
     for p in profiles.values():
+        section = "policy" if p.name == "default" else f"profile {p.name}"
         if p.lifetime < 60:
-            raise ConfigError(f"[profile {p.name}] lifetime: at least 1m")
+            raise ConfigError(f"[{section}] lifetime: at least 1m")
         for eku in p.eku:  # found here, not by every enrollment on the profile failing
             if eku not in EKU_NAMES and not _OID.fullmatch(eku):
-                section = "policy" if p.name == "default" else f"profile {p.name}"
                 raise ConfigError(f"[{section}] eku: {eku!r} is neither one of {', '.join(EKU_NAMES)} nor a dotted "
                                   "OID")
     profile_map = {}
@@ -401,7 +409,7 @@ def _build(v, raw_profiles, source, read_file) -> Config:
         profile_map[hint] = name
     if pol["default_profile"] not in profiles:
         raise ConfigError(f"[policy] default_profile: no profile named {pol['default_profile']!r}")
-    crl_interval = max(_dur("crl", "interval", v["crl"]["interval"]), 1)
+    crl_interval = _positive_dur("crl", "interval", v["crl"]["interval"])
     crl_lifetime = _dur("crl", "lifetime", v["crl"]["lifetime"])
     if crl_lifetime < crl_interval + crl_margin(crl_interval):
         raise ConfigError(f"[crl] lifetime: must exceed [crl] interval by at least {crl_margin(crl_interval)} s (a "
@@ -421,8 +429,8 @@ def _build(v, raw_profiles, source, read_file) -> Config:
         max_connections=_int("https", "max_connections", https["max_connections"], 1),
         max_connections_per_address=_int("https", "max_connections_per_address",
                                          https["max_connections_per_address"], 1),
-        request_timeout=max(_dur("https", "request_timeout", https["request_timeout"]), 1),
-        idle_timeout=max(_dur("https", "idle_timeout", https["idle_timeout"]), 1),
+        request_timeout=_positive_dur("https", "request_timeout", https["request_timeout"]),
+        idle_timeout=_positive_dur("https", "idle_timeout", https["idle_timeout"]),
         http_listen=_listen("http", v["http"]["listen"]), scep_paths=paths,
         allow_legacy_des=_bool("scep", "allow_legacy_des", v["scep"]["allow_legacy_des"]),
         renewal_without_auth=_bool("scep", "renewal_without_auth", v["scep"]["renewal_without_auth"]),

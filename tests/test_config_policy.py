@@ -44,6 +44,11 @@ def test_durations(text, expected):
     ("[policy]\neku = ipsecIKE clientauth\n", "[policy] eku: 'clientauth'"),
     ("[profile x]\neku = 1.3.6.1.5.5.7.3.\n", "[profile x] eku"),
     ("[policy]\nskew = 2d\n", "[policy] skew: at most 1d"),
+    ("[policy]\nlifetime = 30s\n", "[policy] lifetime: at least 1m"),  # it said [profile default]
+    ("[https]\nidle_timeout = 0\n", "[https] idle_timeout: at least 1s"),  # was clamped to 1 s without a word
+    ("[https]\nrequest_timeout = 0s\n", "[https] request_timeout: at least 1s"),
+    ("[crl]\ninterval = 0\n", "[crl] interval: at least 1s"),
+    ("[radius]\nservers = 127.0.0.1:1812\nsecret = x\ntimeout = 0\n", "[radius] timeout: at least 1s"),
     # these were tracebacks from twistd (found by an operator review)
     ("[https]\nlisten = tcp:notaport\n", "[https] listen: 'tcp:notaport': the port must be a number"),
     ("[https]\nlisten = tcp:99999\n", "[https] listen: 'tcp:99999': the port must be a number from 0 to 65535"),
