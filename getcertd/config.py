@@ -8,7 +8,9 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 from typing import Mapping, Tuple
+from urllib.parse import urlsplit
 
+from getcertd.ca import parse_name
 from getcertd.errors import ConfigError
 
 KEY_TYPES = ("rsa2048", "rsa3072", "rsa4096", "ec-p256", "ec-p384")
@@ -207,14 +209,12 @@ def _endpoint_parts(description: str):
 _LISTEN_KINDS = ("tcp", "tcp6", "ssl", "unix", "systemd")
 
 
-def _required(section: str, key: str):
-    raise ConfigError(f"[{section}] {key}: required")
-
-
-def _listen(section: str, description: str) -> str:
+def _listen(section: str, description: str, required: bool = False) -> str:
     """A [section] listen value checked here, where the mistake can be named: a kind Twisted has (tcp, tcp6,
     unix, systemd...) and, for TCP, a port from 0 to 65535."""
     if not description:
+        if required:
+            raise ConfigError(f"[{section}] listen: required")
         return description
     kind, args, kwargs = _endpoint_parts(description)
     example = "e.g. tcp:8443:interface=127.0.0.1"
@@ -255,7 +255,6 @@ def _server_name(name: str) -> str:
 
 def _name_text(section: str, key: str, text: str) -> str:
     """A distinguished name written as RFC 4514 text (``CN=getcertd CA, O=Example``), checked here."""
-    from getcertd.ca import parse_name
     try:
         name = parse_name(text)
     except ValueError as e:
@@ -270,7 +269,6 @@ def _name_text(section: str, key: str, text: str) -> str:
 
 def _url(section: str, key: str, url: str) -> str:
     """An http(s) URL with a host (a CRL distribution point that clients fetch)."""
-    from urllib.parse import urlsplit
     if not url:
         return url
     try:
@@ -424,7 +422,7 @@ def _build(v, raw_profiles, source, read_file) -> Config:
     return Config(
         state_dir=g["state_dir"], server_name=_server_name(g["server_name"]),
         key_helpers=0 if g["key_helpers"].strip() == "auto" else _int("getcertd", "key_helpers", g["key_helpers"], 1),
-        https_listen=_listen("https", https["listen"]) or _required("https", "listen"),
+        https_listen=_listen("https", https["listen"], required=True),
         https_certificate=https["certificate"], https_key=https["key"],
         max_connections=_int("https", "max_connections", https["max_connections"], 1),
         max_connections_per_address=_int("https", "max_connections_per_address",

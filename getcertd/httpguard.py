@@ -94,11 +94,9 @@ class GuardedChannel(http.HTTPChannel):
         self._networkProducer.pauseProducing()
 
     def resumeProducing(self):
-        super().resumeProducing()
+        super().resumeProducing()  # reading resumes here, or at requestDone while a request is in hand
         if self.paused:
             self.paused = False
-            if not self._handlingRequest:
-                self._networkProducer.resumeProducing()
             if self._buffer and not self._rejected:
                 self.dataReceived(b"")  # go on with the pipelined requests already buffered
 
@@ -201,8 +199,8 @@ class Overloaded(protocol.Protocol):
 
 class GuardedSite(server.Site):
     """A Site whose channels are GuardedChannels, at most ``max_connections`` at a time (``max_per_address`` from
-    one IP address), holding at most
-    ``max_held`` bytes of request lines and bodies at a time (past it: 503 with Retry-After)."""
+    one IP address), holding at most ``max_held`` bytes of request lines and bodies at a time (past any of
+    these: 503 with Retry-After)."""
     protocol = GuardedChannel
     requestFactory = GuardedRequest
 

@@ -136,15 +136,15 @@ def check_certificates(config, ca, tls, served: dict, today: datetime.datetime) 
         log.warn("{line}: replace it", line=line)
 
 
-def raise_file_limit(needed: int, getrlimit=resource.getrlimit, setrlimit=resource.setrlimit) -> int:
+def raise_file_limit(needed: int) -> int:
     """Raise the soft limit on open files to ``needed`` (at most the hard limit); the soft limit now. A shell's
     usual 1024 is less than max_connections connections plus the helpers' pipes, the journal and the logs:
     past it, accept() fails and a key helper can't be started."""
-    soft, hard = getrlimit(resource.RLIMIT_NOFILE)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < needed:
         target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
         if target > soft:
-            setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             soft = target
     return soft
 
