@@ -436,7 +436,8 @@ class EnrollmentService:
                 del self._pending_users[user]
         self._count("issued", decision.profile)
         log.info("issued serial {serial} to {user!r} ({profile}, until {until}) for {client}",
-                 serial=format_serial(serial), user=identity.user, profile=decision.profile, until=decision.not_after.isoformat(), client=client)
+                 serial=format_serial(serial), user=identity.user, profile=decision.profile,
+                 until=decision.not_after.isoformat(), client=client)
         return der, extra
 
     def _new_serial(self) -> int:
