@@ -12,12 +12,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.application import service
+from twisted.logger import Logger
 
 from getcertd.ca import (CertificateAuthority, ca_certificate_problems, cert_pem, chain_problem, fingerprint,
                          generate_key, key_pem, make_ca_certificate)
 from getcertd.config import parse_config
 from getcertd.errors import ConfigError
 from getcertd.local import parse_users
+
+log = Logger()
 
 # The RA certificate this appliance issues itself is valid as long as its CA (it is re-issued only at a start,
 # and a running appliance must not find it expired: every SCEP client would refuse its CertReps; its key sits
@@ -211,6 +214,7 @@ def _load_or_issue(state_dir, name, now, ca, make_key, issue, still_good):
     if os.path.exists(key_path) and os.path.exists(cert_path):
         key = load_key(key_path, name + " key")
         cert = load_cert(cert_path, name + " certificate")
+        why = "the one in state_dir is not this CA's or is due for renewal"
         if _same_public_key(key, cert) and cert.issuer == ca.certificate.subject and still_good(cert):
             try:
                 cert.verify_directly_issued_by(ca.certificate)
@@ -218,10 +222,12 @@ def _load_or_issue(state_dir, name, now, ca, make_key, issue, still_good):
             except Exception:
                 pass
     else:
-        key = make_key()
+        key, why = make_key(), "none was in state_dir"
     cert = issue(key)
     write_private(key_path, key_pem(key))
     write_public(cert_path, cert_pem(cert))
+    log.info("issued a new {name} certificate, valid until {until} ({why})", name=name.upper(),
+             until=cert.not_valid_after_utc.isoformat(), why=why)
     return key, cert
 
 

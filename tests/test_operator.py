@@ -265,6 +265,9 @@ def test_restart_keeps_records_revocations_and_the_crl_number(appliance_factory,
     app.start()
     print(f"\nrestart: listening again after {time.monotonic() - t0:.2f} s")
     assert "issuance log: 4 records replayed" in app.log()  # three issues and one revocation
+    for name in ("RA", "TLS"):  # issued at the first start, said so, and kept at the restart
+        assert app.log().count(f"issued a new {name} certificate, valid until ") == 1
+    assert "(none was in state_dir)" in app.log()
     after = crl_of(app)
     assert after.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number > number
     [entry] = list(after)
