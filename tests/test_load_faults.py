@@ -121,6 +121,10 @@ def appliance(workdir, template, name, sections, users=None, http=False):
     directory = workdir / name
     directory.mkdir()
     shutil.copytree(template[0], directory / "state")
+    # every simulated client connects from 127.0.0.1: the per-address cap (tested in test_http_limits) goes up
+    # to the total one
+    https = sections.setdefault("https", {})
+    https.setdefault("max_connections_per_address", https.get("max_connections", "1000"))
     app = Appliance(directory, sections, users or {}, http=http)
     RUN_LOGS.append((name, app.log_path))
     return app
