@@ -24,6 +24,7 @@ from getcertd.auth import Accept, Challenge, ChallengeStore, Identity, Reject, T
 from getcertd.errors import (AuthenticationRequired, AuthUnavailable, FailInfo, MalformedRequest, ScepFailure,
                              Throttled, refusals_name)
 from getcertd.issuance import Record
+from getcertd.loglimit import LogLimit, more
 from getcertd.operations import format_serial
 
 log = Logger()
@@ -41,6 +42,7 @@ def _spki(public_key) -> bytes:
     return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
+LOG_BURST = 50  # refusal and failed-login lines a kind per 10 s (getcertd.loglimit)
 MAX_CHALLENGE_ROUNDS = 5  # challenges in one login; a server that challenges forever gets a failed login
 
 
@@ -83,6 +85,14 @@ class EnrollmentService:
         self._attempt_key = os.urandom(32)  # tags the passwords in flight (Throttle.busy) without keeping them
         self._pending_users = {}  # user -> issues in progress, counted against the per-user limits
         self._pending_serials = set()
+        # anyone can cause these lines: at most LOG_BURST of a kind per 10 s (the metrics count every one)
+        self._log_limits = {kind: LogLimit(clock, burst=LOG_BURST) for kind in ("refusals", "failed logins")}
+
+    def log_limited(self, kind: str, text: str, **fields) -> None:
+        """Log ``text`` unless more than LOG_BURST lines of ``kind`` were logged in the last 10 s."""
+        suppressed = self._log_limits[kind].allow()
+        if suppressed is not None:
+            log.info(text + "{more}", more=more(suppressed, kind), **fields)
 
     def now(self) -> datetime.datetime:
         return datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.timezone.utc)
@@ -119,8 +129,9 @@ class EnrollmentService:
 
     def _refuse(self, msg, failure, client):
         self._count("refused", failure.fail_info.name)
-        log.info("SCEP {type} from {client}{user} refused: {reason}", type=scep.message_type_name(msg.message_type),
-                 client=client, user=f" for {failure.user!r}" if failure.user else "", reason=failure)
+        self.log_limited("refusals", "SCEP {type} from {client}{user} refused: {reason}",
+                         type=scep.message_type_name(msg.message_type), client=client,
+                         user=f" for {failure.user!r}" if failure.user else "", reason=failure)
         return self._reply(msg, scep.PkiStatus.FAILURE, fail_info=failure.fail_info, fail_info_text=failure.text)
 
     def _count(self, *key):
@@ -287,7 +298,8 @@ class EnrollmentService:
                 raise Throttled(self.challenges.ttl, "too many logins from here are waiting for a response")
             raise AuthenticationRequired(_prompt(result.message), token)
         self._count("auth", self.authenticator.name, "reject")
-        log.info("authentication failed for {user!r} from {client}", user=credentials.user, client=client)
+        self.log_limited("failed logins", "authentication failed for {user!r} from {client}", user=credentials.user,
+                         client=client)
         raise AuthenticationRequired()
 
     async def _authenticate(self, credentials, csr, client, secure) -> Identity:
@@ -312,7 +324,8 @@ class EnrollmentService:
                             session_timeout=result.identity.session_timeout,
                             profile_hints=result.identity.profile_hints, attributes=result.identity.attributes)
         self._count("auth", self.authenticator.name, "reject")
-        log.info("challengePassword authentication failed for {user!r} from {client}", user=user, client=client)
+        self.log_limited("failed logins", "challengePassword authentication failed for {user!r} from {client}",
+                         user=user, client=client)
         raise ScepFailure(FailInfo.badRequest, "authentication failed")
 
     async def _check(self, user, password, state, client):

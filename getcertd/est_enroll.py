@@ -69,8 +69,9 @@ class EstService:
         except ScepFailure as failure:
             if self.enrollment.stats is not None:
                 self.enrollment.stats.count("refused", failure.fail_info.name)
-            log.info("EST {operation} from {client}{user} refused: {reason}", operation=operation, client=client,
-                     user=f" for {failure.user!r}" if failure.user else "", reason=failure)
+            self.enrollment.log_limited("refusals", "EST {operation} from {client}{user} refused: {reason}",
+                                        operation=operation, client=client,
+                                        user=f" for {failure.user!r}" if failure.user else "", reason=failure)
             raise
         if bound:
             log.info("EST {operation} from {client}: the CSR was bound to its TLS session", operation=operation,

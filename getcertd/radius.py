@@ -40,6 +40,7 @@ from zope.interface import implementer
 
 from getcertd.auth import Accept, Challenge, IAuthenticator, Identity, Reject
 from getcertd.errors import AuthUnavailable, ConfigError
+from getcertd.loglimit import LogLimit, more
 
 log = Logger()
 
@@ -432,37 +433,6 @@ def listener_service(protocol: "RadiusClientProtocol") -> internet.UDPServer:
     return internet.UDPServer(0, protocol, interface=protocol.settings.listen_interface)
 
 
-class _LogLimit:
-    """At most ``burst`` log lines of one kind per ``interval`` seconds; the others are counted.
-
-    Anyone who can reach the client's UDP port can send it datagrams, with any source address (a configured
-    server's too): a warning for each dropped datagram would let them fill the disk with log lines as fast as
-    they can send. The counters of :meth:`RadiusClientProtocol.status` still count every datagram.
-    """
-
-    def __init__(self, clock: IReactorTime, burst: int = 10, interval: float = 10.0):
-        self.clock, self.burst, self.interval = clock, burst, interval
-        self._start: Optional[float] = None
-        self._logged = 0
-        self.suppressed = 0  # not logged since the last line that was
-
-    def allow(self) -> Optional[int]:
-        """None if this line must not be logged; else how many were not logged before it."""
-        now = self.clock.seconds()
-        if self._start is None or now - self._start >= self.interval:
-            self._start, self._logged = now, 0
-        if self._logged >= self.burst:
-            self.suppressed += 1
-            return None
-        self._logged += 1
-        suppressed, self.suppressed = self.suppressed, 0
-        return suppressed
-
-
-def _more(suppressed: int) -> str:
-    return f" ({suppressed} more dropped before this one were not logged)" if suppressed else ""
-
-
 def _label(address: Tuple[str, int]) -> str:
     host, port = address
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -531,7 +501,7 @@ class RadiusClientProtocol(DatagramProtocol):
     spent waiting for a free identifier included. Servers marked dead are tried only after those up.
     A reply is trusted only if it comes from the server's address and port, for an identifier in
     flight, with the right Response Authenticator and Message-Authenticator (see
-    :func:`decode_reply`); anything else is dropped, counted and logged (:class:`_LogLimit`: at most
+    :func:`decode_reply`); anything else is dropped, counted and logged (:class:`getcertd.loglimit.LogLimit`: at most
     10 lines a kind per 10 s), and the request keeps waiting.
     When all 256 identifiers of a server are in flight, requests wait in a queue (at most
     ``max_queued``, beyond that they fail with AuthUnavailable; a request still waiting at its bound
@@ -547,8 +517,8 @@ class RadiusClientProtocol(DatagramProtocol):
         self._servers = [_Server(address, random_bytes(1)[0]) for address in settings.servers]
         self._by_address = {server.address: server for server in self._servers}
         self.unknown_source_dropped = 0
-        self._unknown_source_log = _LogLimit(clock)
-        self._drop_log = _LogLimit(clock)
+        self._unknown_source_log = LogLimit(clock)
+        self._drop_log = LogLimit(clock)
         self._running = False
         self.rtt_observer = None  # rtt_observer(server label, seconds) for each verified reply (metrics)
 
@@ -583,7 +553,7 @@ class RadiusClientProtocol(DatagramProtocol):
             suppressed = self._unknown_source_log.allow()
             if suppressed is not None:
                 log.warn("Dropped a datagram from {source}: not a configured RADIUS server{more}", source=addr,
-                         more=_more(suppressed))
+                         more=more(suppressed))
             return
         if len(data) < HEADER_LENGTH:
             self._drop(server, None, "shorter than a RADIUS header")
@@ -798,7 +768,7 @@ class RadiusClientProtocol(DatagramProtocol):
         suppressed = self._drop_log.allow()
         if suppressed is not None:
             log.warn("Dropped a reply from RADIUS server {server} (identifier {identifier}): {reason}{more}",
-                     server=server.label, identifier=identifier, reason=reason, more=_more(suppressed))
+                     server=server.label, identifier=identifier, reason=reason, more=more(suppressed))
 
 
 # ---------------------------------------------------------------------------------------------------

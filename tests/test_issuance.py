@@ -229,3 +229,29 @@ def test_add_many_stops_at_a_duplicate_serial_like_add():
     with pytest.raises(ValueError, match="serial 0x7 is already"):
         again.add_many([rec(7, "a"), rec(8, "b"), rec(7, "c")])
     assert [r.serial for r in again] == [7, 8]
+
+
+def test_refusal_and_failed_login_lines_are_rate_limited():
+    """Anyone can make the appliance refuse or fail a login as fast as they can send; twistd's log file keeps
+    every rotated file, so a line each would fill the disk. At most LOG_BURST a kind per 10 s are logged; the
+    next one logged says how many were not."""
+    from twisted.internet.task import Clock
+    from twisted.logger import formatEvent, globalLogPublisher
+    from getcertd.enroll import LOG_BURST, EnrollmentService
+    clock = Clock()
+    service = EnrollmentService(ca=None, keys=None, policy=None, issuance_log=None, journal=None,
+                                authenticator=None, clock=clock)
+    said = []
+    observer = lambda e: said.append(formatEvent(e))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        for i in range(LOG_BURST + 10):
+            service.log_limited("refusals", "refused number {i}", i=i)
+        service.log_limited("failed logins", "a failed login")  # another kind has its own allowance
+        assert said[:LOG_BURST] == [f"refused number {i}" for i in range(LOG_BURST)]
+        assert said[LOG_BURST:] == ["a failed login"]
+        clock.advance(10)
+        service.log_limited("refusals", "refused again")
+        assert said[-1] == "refused again (10 more refusals before this one were not logged)"
+    finally:
+        globalLogPublisher.removeObserver(observer)
