@@ -310,7 +310,11 @@ def test_a_running_appliance_replaces_a_killed_helper(appliance_factory):
     happened, and stopping twistd ends the helpers."""
     from scepclient import Requester, basic, get_ca_certs, http
     app = appliance_factory({"policy": {"max_valid_per_user": "0"}}, users={"alice": "alice-pass"})
-    helpers = children(app.proc.pid)
+    # twistd binds its listeners before it starts its services: the port may answer before the helpers exist
+    deadline, helpers = time.monotonic() + 10, []
+    while len(helpers) < (os.cpu_count() or 1) and time.monotonic() < deadline:
+        helpers = children(app.proc.pid)
+        time.sleep(0.05)
     assert len(helpers) == (os.cpu_count() or 1)
     certs = get_ca_certs(app.url, app.ca_pem)
 
