@@ -312,10 +312,9 @@ class EnrollmentService:
                                                        "is only accepted over HTTPS)")
             raise AuthenticationRequired()
         user = self._challenge_user(csr)
-        try:
+        try:  # AuthUnavailable goes on to a 503 with Retry-After: a FAILURE is final to clients (certmonger's
+            # CA_REJECTED), while the outage is not, and an HTTP error makes them try again later
             result = await self._check(user, password.encode("utf-8"), None, client)
-        except AuthUnavailable:
-            raise ScepFailure(FailInfo.badRequest, "the authentication service is unavailable; try again later")
         except Throttled as e:
             raise ScepFailure(FailInfo.badRequest, str(e))
         if isinstance(result, Accept):
