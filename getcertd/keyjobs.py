@@ -166,7 +166,7 @@ def cert_rep_job(msg: scep.SignedMessage, status: scep.PkiStatus, content: Optio
 def cert_rep(material: KeyMaterial, job: tuple) -> bytes:
     """The signed CertRep of :func:`cert_rep_job`."""
     status, fail_info, fail_info_text, transaction_id, recipient_nonce, digest, recipient, content, cipher = job
-    envelope = None
+    envelope = scep.NO_ENVELOPE
     if content is not None:
         envelope = scep.build_envelope(content, x509.load_der_x509_certificate(recipient), cipher=cipher)
     unsigned = scep.prepare_signed(

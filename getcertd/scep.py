@@ -48,7 +48,7 @@ __all__ = [
     "parse_issuer_and_serial", "build_issuer_and_serial",
     "parse_issuer_and_subject", "build_issuer_and_subject",
     "parse_csr", "challenge_password",
-    "new_transaction_id", "new_nonce", "message_type_name",
+    "new_transaction_id", "new_nonce", "message_type_name", "NO_ENVELOPE",
     "CIPHERS", "DIGESTS",
 ]
 
@@ -1247,6 +1247,13 @@ def _decrypt_content(cipher: str, key: bytes, iv: bytes, ciphertext: bytes, bloc
 # getcertd.keyjobs.open_message: telling those apart would be a padding oracle).
 UNDECRYPTABLE = "the message's encrypted content could not be decrypted and read"
 
+# The content of a FAILURE or PENDING CertRep, which carries no pkcsPKIEnvelope: an empty eContent rather than
+# none. certmonger (OpenSSL's PKCS7 verify) can't read a SignedData without content ("PKCS7 routines::no
+# content"), takes the refusal for an unreachable CA and sends the request again and again (a wrong
+# challengePassword: a failed login each time); with an empty one it reports the refusal. The messageDigest
+# is the same: the digest of the empty string.
+NO_ENVELOPE = b""
+
 MAX_KEY_TRANSPORT_TRIES = 4  # recipientInfos tried with our key, at most
 
 
@@ -1639,11 +1646,12 @@ def build_cert_rep(*, request: SignedMessage, pki_status: PkiStatus, signer_key,
 
     SUCCESS: a degenerate PKCS#7 of certs (and crls, for GetCRL) encrypted with ``cipher``
     (pass the one decrypt_envelope reported for the request) to the requester's signer
-    certificate. FAILURE: fail_info (required) and fail_info_text, no content. PENDING: no
-    content. ``digest`` defaults to the request's. ``sender_nonce`` is the server's fresh one.
+    certificate. FAILURE: fail_info (required) and fail_info_text, an empty content
+    (NO_ENVELOPE). PENDING: an empty content. ``digest`` defaults to the request's.
+    ``sender_nonce`` is the server's fresh one.
     """
     pki_status = PkiStatus(pki_status)
-    content = None
+    content = NO_ENVELOPE
     if pki_status is PkiStatus.SUCCESS:
         if not certs and not crls:
             raise ValueError("a SUCCESS CertRep needs certificates or CRLs")

@@ -134,7 +134,7 @@ def test_refusals_are_failure_certreps_and_garbage_is_400(app):
     assert status == 200
     rep, _ = weak.open_reply(body)
     assert rep.pki_status == scep.PkiStatus.FAILURE and rep.fail_info == FailInfo.badAlg
-    assert "2048" in rep.fail_info_text and rep.content is None
+    assert "2048" in rep.fail_info_text and rep.content == b""
     # the log names the message type and who was refused, and whose login failed (an operator asked "who?")
     assert "SCEP PKCSReq from 127.0.0.1 for 'alice' refused: badAlg: RSA keys must be at least 2048" in app.log()
     status, _, _ = http(app.url + "?operation=PKIOperation", data=Requester(certs).message(), cafile=app.ca_pem,

@@ -220,6 +220,20 @@ def test_certmonger_scep_submit_caps_and_ca_certs(app, tmp_path):
         r["result"] = "pass (caps: " + " ".join(caps) + ")"
 
 
+def test_certmonger_reads_a_refusal(app, tmp_path):
+    """A wrong challengePassword: certmonger could not read the FAILURE CertRep (a SignedData without content:
+    'PKCS7 routines::no content'), took the CA for unreachable and would have sent the request again and again,
+    each time a failed login. With an empty content it reports the refusal and stops (CA_REJECTED)."""
+    with interop_row("certmonger (getcert request)", certmonger_version(), "plain HTTP",
+                     "wrong challengePassword") as r:
+        result = certmonger_enroll(tmp_path, app.http_url, subject="CN=alice", challenge="not the password",
+                                   ca_pem=app.ca_pem)
+        assert "status: CA_REJECTED" in result.output and "no content" not in result.output, result.output[-4000:]
+        assert "CA_UNREACHABLE" not in result.output, result.output[-4000:]
+        r["result"] = "refused as expected (CertRep FAILURE read: CA_REJECTED)"
+    assert result.leftovers == [], "certmonger's processes outlived the run (killed by pid)"
+
+
 @pytest.mark.parametrize("transport", ["https", "http"])
 def test_certmonger_enrolls(app, tmp_path, transport):
     require(CERTMONGER, "certmonger")
@@ -310,7 +324,7 @@ def test_apple_pkcsreq_answered_by_appliance(appliance_factory, apple_ca, tls_fi
         # The device's CSR holds an RSA-1024 key: refused before anything else about it (time included).
         assert reply.pki_status == scep.PkiStatus.FAILURE
         assert reply.fail_info == FailInfo.badAlg and "1024" in reply.fail_info_text
-        assert reply.content is None
+        assert reply.content == b""  # no envelope (scep.NO_ENVELOPE)
         r["result"] = f"CertRep FAILURE badAlg ({reply.fail_info_text}), as expected"
 
     # The same CA with an acceptable key, as the device would send it (3DES, SHA-1): once the CA has expired,
