@@ -50,11 +50,8 @@ def load_config(path: str):
     def read_secret(secret_path):
         secret_files.append(secret_path)
         try:
-            with open(secret_path, "rb") as f:
-                mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
-                if mode & 0o077:  # as for the CA key: the secret lets anyone forge RADIUS answers
-                    raise ConfigError(f"[radius] secret_file {secret_path} is readable by others (mode {mode:o}); "
-                                      f"run: chmod 600 {secret_path}")
+            with open(secret_path, "rb") as f:  # as for the CA key: the secret lets anyone forge RADIUS answers
+                check_private_mode(os.fstat(f.fileno()).st_mode, "[radius] secret_file", secret_path)
                 return f.read()
         except OSError as e:
             raise ConfigError(f"[radius] secret_file {secret_path}: {e.strerror}") from None
@@ -111,12 +108,17 @@ def write_public(path: str, data: bytes) -> None:
     write_file(path, data, 0o644)
 
 
+def check_private_mode(st_mode: int, what: str, path: str) -> None:
+    """ConfigError when a file holding a secret can be read by anyone but its owner (as ssh does)."""
+    mode = stat.S_IMODE(st_mode)
+    if mode & 0o077:
+        raise ConfigError(f"{what} {path} is readable by others (mode {mode:o}); run: chmod 600 {path}")
+
+
 def load_key(path: str, what: str, passphrase=None, check_mode=True):
     try:
-        st = os.stat(path)
-        if check_mode and stat.S_IMODE(st.st_mode) & 0o077:
-            raise ConfigError(f"{what} {path} is readable by others (mode {stat.S_IMODE(st.st_mode):o}); "
-                              f"run: chmod 600 {path}")
+        if check_mode:
+            check_private_mode(os.stat(path).st_mode, what, path)
         with open(path, "rb") as f:
             return serialization.load_pem_private_key(f.read(), passphrase)
     except TypeError:
@@ -154,9 +156,7 @@ def read_passphrase(path: str):
     if not path:
         return None
     try:
-        st = os.stat(path)
-        if stat.S_IMODE(st.st_mode) & 0o077:
-            raise ConfigError(f"[ca] key_passphrase_file {path} is readable by others; run: chmod 600 {path}")
+        check_private_mode(os.stat(path).st_mode, "[ca] key_passphrase_file", path)
         with open(path, "rb") as f:
             passphrase = f.readline().rstrip(b"\r\n")
     except OSError as e:
@@ -358,10 +358,7 @@ def load_or_create_ssh_host_key(state_dir: str):
         write_public(path + ".pub", key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                                   serialization.PublicFormat.OpenSSH) + b"\n")
         return key
-    st = os.stat(path)
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        raise ConfigError(f"manhole host key {path} is readable by others (mode {stat.S_IMODE(st.st_mode):o}); "
-                          f"run: chmod 600 {path}")
+    check_private_mode(os.stat(path).st_mode, "manhole host key", path)
     try:
         with open(path, "rb") as f:
             return serialization.load_ssh_private_key(f.read(), None)

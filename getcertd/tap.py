@@ -79,11 +79,7 @@ def _any_client_certificate(connection, certificate, errno, depth, ok):
     """Requested, never required: getcertd.est_enroll checks the certificate against the CA and the issuance log.
     Only an RSA key with a public exponent over 64 bits is refused here, before OpenSSL verifies the client's
     handshake signature with it (a 2,048-bit exponent costs milliseconds of reactor time per handshake)."""
-    if depth == 0:
-        key = certificate.get_pubkey().to_cryptography_key()
-        if isinstance(key, rsa.RSAPublicKey) and key.public_numbers().e.bit_length() > 64:
-            return False
-    return True
+    return depth != 0 or not scep.oversized_rsa_exponent(certificate.get_pubkey().to_cryptography_key())
 
 
 ECDHE_GROUPS = b"X25519:P-256:P-384"  # Mozilla "intermediate": no X448, no P-521
