@@ -88,6 +88,12 @@ class EnrollmentService:
         # anyone can cause these lines: at most LOG_BURST of a kind per 10 s (the metrics count every one)
         self._log_limits = {kind: LogLimit(clock, burst=LOG_BURST) for kind in ("refusals", "failed logins")}
 
+    def note_refusal(self, what: str, client: str, failure: ScepFailure) -> None:
+        """Count a refusal (SCEP or EST) and log it, naming the user once authenticated (rate-limited)."""
+        self._count("refused", failure.fail_info.name)
+        self.log_limited("refusals", "{what} from {client}{user} refused: {reason}", what=what, client=client,
+                         user=f" for {failure.user!r}" if failure.user else "", reason=failure)
+
     def log_limited(self, kind: str, text: str, **fields) -> None:
         """Log ``text`` unless more than LOG_BURST lines of ``kind`` were logged in the last 10 s."""
         suppressed = self._log_limits[kind].allow()
@@ -128,10 +134,7 @@ class EnrollmentService:
             return await self._refuse(msg, failure, client)
 
     def _refuse(self, msg, failure, client):
-        self._count("refused", failure.fail_info.name)
-        self.log_limited("refusals", "SCEP {type} from {client}{user} refused: {reason}",
-                         type=scep.message_type_name(msg.message_type), client=client,
-                         user=f" for {failure.user!r}" if failure.user else "", reason=failure)
+        self.note_refusal(f"SCEP {scep.message_type_name(msg.message_type)}", client, failure)
         return self._reply(msg, scep.PkiStatus.FAILURE, fail_info=failure.fail_info, fail_info_text=failure.text)
 
     def _count(self, *key):

@@ -67,11 +67,7 @@ class EstService:
                 cert = await self.enrollment.issue(identity, public_key, "est-" + hashlib.sha1(spki).hexdigest(),
                                                    client, profile=profile, replaces=replaces)
         except ScepFailure as failure:
-            if self.enrollment.stats is not None:
-                self.enrollment.stats.count("refused", failure.fail_info.name)
-            self.enrollment.log_limited("refusals", "EST {operation} from {client}{user} refused: {reason}",
-                                        operation=operation, client=client,
-                                        user=f" for {failure.user!r}" if failure.user else "", reason=failure)
+            self.enrollment.note_refusal(f"EST {operation}", client, failure)
             raise
         if bound:
             log.info("EST {operation} from {client}: the CSR was bound to its TLS session", operation=operation,
