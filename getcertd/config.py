@@ -85,6 +85,7 @@ class Config:
     crl_lifetime: int
     crl_url: str
     log_retain: int
+    log_checkpoint_records: int
     manhole_listen: str
     manhole_authorized_keys: str
     metrics_listen: str
@@ -127,7 +128,7 @@ _SCHEMA = {
                "eku": " ".join(DEFAULT_EKU), "skew": "2m", "max_valid_per_user": "5",
                "max_per_user_per_hour": "60", "default_profile": "default", "profile_map": ""},
     "crl": {"interval": "1h", "lifetime": "1d", "url": ""},
-    "log": {"retain": "30d"},
+    "log": {"retain": "30d", "checkpoint_records": "50000"},
     "manhole": {"listen": "tcp:2222:interface=127.0.0.1", "authorized_keys": "", "allow_remote": "no"},
     "metrics": {"listen": "", "allow_remote": "no"},
 }
@@ -442,6 +443,7 @@ def _build(v, raw_profiles, source, read_file) -> Config:
         default_profile=pol["default_profile"], profiles=profiles, profile_map=profile_map,
         crl_interval=crl_interval, crl_lifetime=crl_lifetime, crl_url=_url("crl", "url", v["crl"]["url"]),
         log_retain=log_retain,
+        log_checkpoint_records=_int("log", "checkpoint_records", v["log"]["checkpoint_records"]),
         manhole_listen=manhole_listen, manhole_authorized_keys=v["manhole"]["authorized_keys"],
         metrics_listen=metrics_listen, manhole_allow_remote=manhole_allow_remote,
         metrics_allow_remote=metrics_allow_remote, source=source)

@@ -15,6 +15,7 @@ is answered without touching the disk.
 """
 import sys
 from collections import OrderedDict
+from operator import attrgetter
 
 # RFC 5280 section 5.3.1 CRLReason. 7 is unused; removeFromCRL (8) is for delta CRLs only.
 CRL_REASONS = {
@@ -96,6 +97,9 @@ class Record:
         state = f" revoked_at={self.revoked_at} reason={self.revocation_reason}" if self.revoked_at is not None else ""
         return (f"<Record serial={self.serial:#x} user={self.user!r} profile={self.profile!r} "
                 f"not_after={self.not_after}{state}>")
+
+
+_ROW = attrgetter(*Record.__slots__)
 
 
 class IssuanceLog:
@@ -295,6 +299,11 @@ class IssuanceLog:
 
     def __len__(self):
         return len(self._by_serial)
+
+    def rows(self) -> list:
+        """Every record as a tuple of its ``__slots__`` (``Record(*row)`` makes it again), in issue order: what a
+        journal checkpoint stores."""
+        return list(map(_ROW, self._by_serial.values()))
 
     def __iter__(self):
         """All records in the order they were added."""

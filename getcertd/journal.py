@@ -19,12 +19,27 @@ If a write fails (ENOSPC, EIO, ...) every event of that batch fails with
 :class:`~getcertd.errors.StorageUnavailable`, the partial write is truncated away, and the next append tries
 again. All work on the file (batches, reading a certificate back, compaction) is serialized by one lock,
 so a record's ``offset`` is only read or changed while no other job runs.
+
+Checkpoints: a big log (``checkpoint_records``) is written at a clean stop to ``<journal>.checkpoint`` (0600):
+every record as a marshal'd tuple, in frames of 4,096 records each with its length and BLAKE2b digest, after a
+line naming the format, the marshal version and the Python version. Before it, a line
+``{"e":"checkpoint","id":"<128 random bits>"}`` is appended to the journal and fsynced; the checkpoint file
+holds that id and the line's offset. :func:`replay` uses a checkpoint only when the journal still holds that
+very line at that offset (so the journal up to it is the one the checkpoint was made from), every frame's
+digest matches and the versions are this process's: then it loads the records and replays only the lines
+after the checkpoint line. Anything else (no file, a compacted, replaced or restored journal, a crash while
+writing, another Python) is a full replay, with a warning when a checkpoint was there and unusable. Checkpoint
+lines are no-ops in a replay, and compaction drops them and removes the checkpoint file.
 """
 import base64
 import gc
+import hashlib
 import json
+import marshal
 import os
 import re
+import struct
+import sys
 import time
 from array import array
 
@@ -43,6 +58,7 @@ _loads = json.loads
 _dumps = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
 _REVOKE_PREFIX = b'{"e":"revoke"'
 _ISSUE_PREFIX = b'{"e":"issue"'
+_CHECKPOINT_PREFIX = b'{"e":"checkpoint"'
 
 
 def issue_event(record: Record, der: bytes) -> dict:
@@ -63,9 +79,9 @@ def encode_event(event: dict) -> bytes:
     return _dumps(event).encode("ascii") + b"\n"
 
 
-def _torn(path, lineno, why):
-    _log.warn("journal {path}: ignoring torn last line {lineno} ({why}): it was never acknowledged",
-              path=path, lineno=lineno, why=why)
+def _torn(path, line, why):
+    _log.warn("journal {path}: ignoring the torn last {line} ({why}): it was never acknowledged",
+              path=path, line=line, why=why)
 
 
 def replay(path: str, log) -> int:
@@ -107,7 +123,7 @@ def _fast_issue(line: bytes, offset: int):
 
 
 def _replay(path, log):
-    """Replay; return (events applied, length of the valid prefix, i.e. without a torn last line)."""
+    """Replay; return (records and events applied, length of the valid prefix, i.e. without a torn last line)."""
     try:
         f = open(path, "rb", buffering=1 << 20)
     except FileNotFoundError:
@@ -118,15 +134,19 @@ def _replay(path, log):
     gc.disable()
     try:
         with f:
-            return _replay_file(f, path, log)
+            loaded, offset = _load_checkpoint(path, f, log) if not len(log) else (0, 0)
+            f.seek(offset)
+            count, end = _replay_file(f, path, log, offset)
+            return loaded + count, end
     finally:
         if collecting:
             gc.enable()
 
 
-def _replay_file(f, path, log):
+def _replay_file(f, path, log, offset=0):
+    """Replay the lines of ``f`` from ``offset`` (0, or the end of a checkpoint line)."""
+    where = "line " if offset == 0 else f"line (counted from the checkpoint ending at byte {offset}) "
     count = 0
-    offset = 0
     lineno = 0
     bad = None  # (lineno, reason) of an unparsable line: fatal unless it is the last one
     fast = _fast_issue
@@ -140,17 +160,17 @@ def _replay_file(f, path, log):
             log.add_many(batch)
         except ValueError as e:  # a serial already issued: add_many stopped at it
             i = next(i for i, r in enumerate(batch) if log.get(r.serial) is not r)
-            raise ConfigError(f"journal {path}, line {first + i}: {e}") from None
+            raise ConfigError(f"journal {path}, {where}{first + i}: {e}") from None
         batch.clear()
 
     for line in f:
         lineno += 1
         if bad is not None:
-            raise ConfigError(f"journal {path}, line {bad[0]}: {bad[1]} (not the last line: the file is corrupt)")
+            raise ConfigError(f"journal {path}, {where}{bad[0]}: {bad[1]} (not the last line: the file is corrupt)")
         record = fast(line, offset)
         if record is not None:
             if record.revoked_at is not None and record.revocation_reason not in CRL_REASONS:
-                raise ConfigError(f"journal {path}, line {lineno}: bad revocation reason")
+                raise ConfigError(f"journal {path}, {where}{lineno}: bad revocation reason")
             if not batch:
                 first = lineno
             batch.append(record)
@@ -167,18 +187,18 @@ def _replay_file(f, path, log):
             except ValueError as e:
                 bad = (lineno, f"not JSON: {e}")
                 continue
-            _apply(event, log, path, lineno, offset)
+            _apply(event, log, path, f"{where}{lineno}", offset)
         count += 1
         offset += len(line)
     if batch:
         flush()
     if bad is not None:
-        _torn(path, *bad)
+        _torn(path, f"{where}{bad[0]}", bad[1])
     return count, offset
 
 
-def _apply(event, log, path, lineno, offset):
-    """Apply one parsed event (the slow path); ConfigError if it makes no sense."""
+def _apply(event, log, path, line, offset):
+    """Apply one parsed event (the slow path); ConfigError if it makes no sense (``line`` says where it is)."""
     try:
         kind = event["e"]
         if kind == "issue":
@@ -201,13 +221,130 @@ def _apply(event, log, path, lineno, offset):
             else:
                 # Only possible when a revocation raced a compaction that pruned the record: harmless, the
                 # certificate expired long ago and belongs on no CRL.
-                _log.warn("journal {path}, line {lineno}: revocation of unknown serial {serial}",
-                          path=path, lineno=lineno, serial=serial)
+                _log.warn("journal {path}, {line}: revocation of unknown serial {serial}",
+                          path=path, line=line, serial=serial)
+        elif kind == "checkpoint":
+            pass  # where a checkpoint was taken: nothing to apply
         else:
             raise ValueError(f"unknown event {kind!r}")
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
-        raise ConfigError(f"journal {path}, line {lineno}: {what}") from None
+        raise ConfigError(f"journal {path}, {line}: {what}") from None
+
+
+# Checkpoints (see the module docstring).
+CHECKPOINT_SUFFIX = ".checkpoint"
+CHECKPOINT_CHUNK = 4096  # records per frame
+_CHECKPOINT_MAGIC = b"getcertd checkpoint 1, marshal %d, python %d.%d\n" % (marshal.version, *sys.version_info[:2])
+_FRAME = struct.Struct("<I16s")  # the data's length and its BLAKE2b-128 digest; a zero length ends the file
+
+
+class _Unusable(Exception):
+    """A checkpoint that can't be used: replay the whole journal."""
+
+
+def _checkpoint_line(cid: str) -> bytes:
+    return encode_event({"e": "checkpoint", "id": cid})
+
+
+def _frame(data: bytes) -> bytes:
+    return _FRAME.pack(len(data), hashlib.blake2b(data, digest_size=16).digest()) + data
+
+
+def _read_frame(f):
+    """The data of the next frame (b"" at the end mark); _Unusable if it is cut short or its digest is wrong."""
+    head = f.read(_FRAME.size)
+    if len(head) != _FRAME.size:
+        raise _Unusable("it is cut short")
+    length, digest = _FRAME.unpack(head)
+    data = f.read(length)
+    if len(data) != length:
+        raise _Unusable("it is cut short")
+    if hashlib.blake2b(data, digest_size=16).digest() != digest:
+        raise _Unusable("a frame's digest does not match")
+    return data
+
+
+def _load_checkpoint(path, journal, log):
+    """Add the records of ``path``'s usable checkpoint to the empty ``log``: (records, journal offset just after
+    the checkpoint line), or (0, 0) to replay the whole journal (open as ``journal``)."""
+    checkpoint = path + CHECKPOINT_SUFFIX
+    try:
+        f = open(checkpoint, "rb", buffering=1 << 20)
+    except FileNotFoundError:
+        return 0, 0
+    try:
+        with f:
+            magic = f.readline(200)
+            if magic != _CHECKPOINT_MAGIC:
+                raise _Unusable(f"it was written by another version of getcertd or Python "
+                                f"({magic[:100].decode('ascii', 'replace').strip()!r})")
+            cid, offset, count = marshal.loads(_read_frame(f))
+            line = _checkpoint_line(cid)
+            journal.seek(offset)
+            if journal.read(len(line)) != line:
+                raise _Unusable("the journal does not hold its checkpoint line (compacted, restored or replaced "
+                                "since)")
+            chunks = []
+            while True:
+                data = _read_frame(f)
+                if not data:
+                    break
+                chunks.append([Record(*row) for row in marshal.loads(data)])
+            if sum(map(len, chunks)) != count or f.read(1):
+                raise _Unusable("its record count does not match")
+    except (_Unusable, OSError, ValueError, TypeError, EOFError) as e:
+        _log.warn("journal {path}: not using the checkpoint {checkpoint}: {why}; replaying the whole journal",
+                  path=path, checkpoint=checkpoint, why=e)
+        return 0, 0
+    for chunk in chunks:
+        log.add_many(chunk)
+    _log.info("journal {path}: {count} records read from the checkpoint {checkpoint}", path=path, count=count,
+              checkpoint=checkpoint)
+    return count, offset + len(line)
+
+
+def _checkpoint_meta(path):
+    """(id, offset of its line, record count) of the checkpoint of the journal at ``path``; None if none."""
+    try:
+        with open(path + CHECKPOINT_SUFFIX, "rb") as f:
+            if f.readline(200) != _CHECKPOINT_MAGIC:
+                return None
+            return marshal.loads(_read_frame(f))
+    except (FileNotFoundError, _Unusable, ValueError, EOFError, TypeError):
+        return None
+
+
+def write_checkpoint(path: str, cid: str, offset: int, rows: list) -> None:
+    """Write ``rows`` (IssuanceLog.rows()) as the checkpoint of the journal at ``path`` whose checkpoint line
+    with ``cid`` is at ``offset``, durably and atomically (a crash leaves the previous checkpoint, or none)."""
+    target = path + CHECKPOINT_SUFFIX
+    tmp = target + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        try:
+            os.fchmod(fd, 0o600)
+            with open(fd, "wb", buffering=1 << 20, closefd=False) as out:
+                out.write(_CHECKPOINT_MAGIC)
+                out.write(_frame(marshal.dumps((cid, offset, len(rows)))))
+                for start in range(0, len(rows), CHECKPOINT_CHUNK):
+                    out.write(_frame(marshal.dumps(rows[start:start + CHECKPOINT_CHUNK])))
+                out.write(_frame(b""))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, target)
+    except BaseException:
+        _unlink(tmp)
+        raise
+    fsync_dir(target)
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _valid_length(fd, size, path=None):
@@ -267,11 +404,13 @@ class Journal(service.Service):
         Tests may pass a synchronous or hand-driven double.
     :param observe_commit: called on the reactor thread with the seconds each successful batch took to write and
         fsync (getcertd.stats: the disk's latency, which every answer waiting for that batch pays).
+    :param checkpoint_records: :meth:`close` writes a checkpoint when the log holds at least this many records
+        (0: never). Below that, a full replay is quick and checks every line at each start.
     """
 
     name = "journal"
 
-    def __init__(self, path: str, log, reactor=None, run=None, observe_commit=None):
+    def __init__(self, path: str, log, reactor=None, run=None, observe_commit=None, checkpoint_records=0):
         self.path = path
         self.log = log
         if reactor is None:
@@ -279,6 +418,7 @@ class Journal(service.Service):
         self._reactor = reactor
         self._run = run or self._run_in_pool
         self._observe_commit = observe_commit
+        self._checkpoint_records = checkpoint_records
         self._pool = None
         self._lock = defer.DeferredLock()
         self._queue = []  # [(line, Deferred)] for the next batch
@@ -408,6 +548,16 @@ class Journal(service.Service):
             waiter = defer.Deferred()
             self._idle_waiters.append(waiter)
             yield waiter
+        if self._checkpoint_records and len(self.log) >= self._checkpoint_records:
+            try:
+                count, seconds = yield self._lock.run(lambda: self._run(self._write_checkpoint, self.log.rows()))
+                if count:
+                    _log.info("journal {path}: checkpoint of {count} records written in {seconds:.2f} s",
+                              path=self.path, count=count, seconds=seconds)
+            except Exception as e:
+                # The journal itself is intact: the next start replays all of it.
+                _log.warn("journal {path}: no checkpoint written: {why}", path=self.path,
+                          why=getattr(e, "strerror", None) or e)
         try:
             # Under the lock no job runs, so the worker's _fd can be looked at here.
             yield self._lock.run(lambda: self._run(self._close_fd) if self._fd is not None else None)
@@ -520,6 +670,22 @@ class Journal(service.Service):
             start += len(line)
         return offsets, seconds
 
+    def _write_checkpoint(self, rows):
+        """Append a checkpoint line, then write the checkpoint file: (records written, seconds); (0, 0) when the
+        journal already ends with the line of the current checkpoint (nothing happened since it was read)."""
+        started = time.monotonic()
+        fd = self._open()
+        current = _checkpoint_meta(self.path)
+        if current is not None:
+            line = _checkpoint_line(current[0])
+            if current[1] + len(line) == self._size and os.pread(fd, len(line), current[1]) == line \
+                    and current[2] == len(rows):
+                return 0, 0
+        cid = os.urandom(16).hex()
+        (offset,), _ = self._write_batch([_checkpoint_line(cid)])
+        write_checkpoint(self.path, cid, offset, rows)
+        return len(rows), time.monotonic() - started
+
     def _cut_failed_batch(self, fd):
         """Cut what a failed batch wrote, now: its events were refused to their clients, so they must not come
         back at the next start. If even that fails, ``_dirty`` stays set and the next batch, compaction or
@@ -609,6 +775,7 @@ class Journal(service.Service):
                 pass
             raise
         os.close(fd)
+        _unlink(self.path + CHECKPOINT_SUFFIX)  # its checkpoint line is not in the compacted journal
         os.rename(tmp, self.path)
         # From here on the compacted file is the journal, whatever fails next.
         for record, offset in zip(records, offsets):

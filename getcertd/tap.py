@@ -200,7 +200,8 @@ def _make(config, reactor, now):
     log.info("issuance log: {count} records replayed from {path}", count=count, path=journal_path)
     gc.freeze()  # the replayed records live as long as the process: keep them out of every cyclic collection
     stats = Stats(reactor, backend=config.auth_backend, log=issuance_log)
-    journal = Journal(journal_path, issuance_log, reactor, observe_commit=stats.observe_journal_commit)
+    journal = Journal(journal_path, issuance_log, reactor, observe_commit=stats.observe_journal_commit,
+                      checkpoint_records=config.log_checkpoint_records)
     journal.setServiceParent(top)  # named "journal"; stopping it flushes and closes the file
     material = KeyMaterial(ca, ra_key, ra_cert or ca.certificate, config.allow_legacy_des)
     keys = KeyHelpers(reactor, material.dumps(), size=config.key_helpers or None, stats=stats)

@@ -53,5 +53,7 @@ def test_bench_quick(tmp_path):
     for n in ("100000", "1000000"):
         assert _positive(r["memory_bytes_per_record"][n])
     assert _positive(r["replay"]["records_per_second"])
+    assert _positive(r["replay"]["from_checkpoint"]["records_per_second"])
+    assert _positive(r["replay"]["from_checkpoint"]["bytes_per_record"])
     for n in ("10000", "100000"):
         assert _positive(r["crl_build"][n]["seconds"])

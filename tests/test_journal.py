@@ -421,3 +421,193 @@ def test_a_read_queued_behind_a_compaction_uses_the_new_offset(path):
     assert result_of(compacting) == 1 and log.get(2).offset == 0
     run.step()
     assert result_of(reading) == der_of(2)
+
+
+# Checkpoints
+
+@pytest.fixture
+def said():
+    """Every log line said while the test runs (formatted)."""
+    from twisted.logger import formatEvent, globalLogPublisher
+    lines = []
+    observer = lambda e: lines.append(formatEvent(e))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    yield lines
+    globalLogPublisher.removeObserver(observer)
+
+
+def checkpointed(path, n=6, **kw):
+    """A journal of ``n`` issues and two revocations, closed with a checkpoint; its log."""
+    log = IssuanceLog()
+    j = Journal(path, log, run=sync_run, checkpoint_records=1, **kw)
+    for i in range(n):
+        r = rec(i + 1, f"user{i % 3}", T0 + i, subject=f"CN=Zoë {i}" if i == 2 else f"CN=user{i % 3}")
+        result_of(j.record_issue(r, der_of(r.serial)))
+    result_of(j.record_revocation(2, "keyCompromise", T0 + 50))
+    result_of(j.record_revocation(5, 4, T0 + 60))
+    result_of(j.close())
+    return log
+
+
+def full_replay(path):
+    """The log a replay of the whole journal gives (the checkpoint moved aside for it)."""
+    checkpoint = path + journal_module.CHECKPOINT_SUFFIX
+    moved = os.path.exists(checkpoint)
+    if moved:
+        os.rename(checkpoint, checkpoint + ".aside")
+    try:
+        log = IssuanceLog()
+        replay(path, log)
+        return log
+    finally:
+        if moved:
+            os.rename(checkpoint + ".aside", checkpoint)
+
+
+@pytest.fixture
+def parsed_lines(monkeypatch):
+    """How many issue lines the replay parses (the checkpoint's records are not parsed again)."""
+    calls = []
+    real = journal_module._fast_issue
+    monkeypatch.setattr(journal_module, "_fast_issue", lambda line, offset: calls.append(1) or real(line, offset))
+    return calls
+
+
+def test_a_clean_close_writes_a_checkpoint_that_the_next_replay_reads_instead_of_the_lines(path, parsed_lines, said):
+    log = checkpointed(path)
+    checkpoint = path + journal_module.CHECKPOINT_SUFFIX
+    assert stat.S_IMODE(os.stat(checkpoint).st_mode) == 0o600
+    last = json.loads(open(path, "rb").read().splitlines()[-1])
+    assert last["e"] == "checkpoint" and len(last["id"]) == 32
+    assert any("checkpoint of 6 records written" in line for line in said)
+    again = IssuanceLog()
+    assert replay(path, again) == 6  # the records; the lines before the checkpoint are not read
+    assert parsed_lines == []
+    assert state(again) == state(log) == state(full_replay(path))
+    assert again.get(2).revocation_reason == 1 and again.get(3).subject == "CN=Zoë 2"
+    assert again.by_user("user1") == [again.get(2), again.get(5)]
+    assert any(f"6 records read from the checkpoint {checkpoint}" in line for line in said)
+    j = Journal(path, again, run=sync_run)  # certificates are read back from the journal by offset
+    for serial in range(1, 7):
+        assert result_of(j.certificate(serial)) == der_of(serial)
+    result_of(j.close())
+
+
+def test_events_after_the_checkpoint_are_replayed_on_top_of_it(path, parsed_lines):
+    checkpointed(path)
+    log = IssuanceLog()
+    replay(path, log)
+    j = Journal(path, log, run=sync_run)  # no checkpoint at this close (a crash would leave the same journal)
+    result_of(j.record_issue(rec(7, "late", T0 + 70), der_of(7)))
+    result_of(j.record_revocation(1, 5, T0 + 80))  # a record from the checkpoint
+    result_of(j.record_revocation(7, 1, T0 + 90))
+    result_of(j.close())
+    again = IssuanceLog()
+    assert replay(path, again) == 6 + 3
+    assert len(parsed_lines) == 3  # only the lines after the checkpoint
+    assert state(again) == state(log) == state(full_replay(path))
+    assert again.get(1).revocation_reason == 5
+    j = Journal(path, again, run=sync_run)
+    assert result_of(j.certificate(7)) == der_of(7) and result_of(j.certificate(1)) == der_of(1)
+    result_of(j.close())
+
+
+def test_a_close_with_nothing_new_keeps_the_checkpoint(path):
+    checkpointed(path)
+    checkpoint = path + journal_module.CHECKPOINT_SUFFIX
+    size, inode = os.path.getsize(path), os.stat(checkpoint).st_ino
+    log = IssuanceLog()
+    replay(path, log)
+    result_of(Journal(path, log, run=sync_run, checkpoint_records=1).close())
+    assert os.path.getsize(path) == size and os.stat(checkpoint).st_ino == inode
+    result_of(Journal(path, log, run=sync_run, checkpoint_records=1).record_revocation(3, 1, T0 + 99))
+    result_of(Journal(path, log, run=sync_run, checkpoint_records=1).close())
+    assert os.stat(checkpoint).st_ino != inode  # something new: a new checkpoint
+
+
+def test_a_small_log_gets_no_checkpoint(path):
+    log = IssuanceLog()
+    j = Journal(path, log, run=sync_run, checkpoint_records=4)
+    for i in range(3):
+        result_of(j.record_issue(rec(i + 1), der_of(i + 1)))
+    result_of(j.close())
+    assert not os.path.exists(path + journal_module.CHECKPOINT_SUFFIX)
+    assert b"checkpoint" not in open(path, "rb").read()
+
+
+def _flip(data):
+    at = len(data) // 2
+    return data[:at] + bytes([data[at] ^ 1]) + data[at + 1:]
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda c, j: (_flip(c), j), "digest does not match"),
+    (lambda c, j: (c[:-30], j), "cut short"),
+    (lambda c, j: (c + b"x", j), "record count does not match"),
+    (lambda c, j: (c.replace(b"python 3.", b"python 2.", 1), j), "another version of getcertd or Python"),
+    # the journal restored from a backup taken before the checkpoint, then written on
+    (lambda c, j: (c, j[:j.rindex(b'{"e":"checkpoint"')] + encode_event(issue_event(rec(9, "x"), b"x"))),
+     "does not hold its checkpoint line"),
+    # another appliance's checkpoint line at that offset
+    (lambda c, j: (c, j[:j.rindex(b'"id":"') + 6] + b"0" * 32 + b'"}\n'), "does not hold its checkpoint line"),
+])
+def test_an_unusable_checkpoint_means_a_full_replay(path, said, damage, why):
+    checkpointed(path)
+    checkpoint = path + journal_module.CHECKPOINT_SUFFIX
+    c, j = damage(open(checkpoint, "rb").read(), open(path, "rb").read())
+    write(checkpoint, c)
+    write(path, j)
+    expected = full_replay(path)
+    log = IssuanceLog()
+    replay(path, log)
+    assert state(log) == state(expected) and len(log) >= 6
+    assert any("not using the checkpoint" in line and why in line and "replaying the whole journal" in line
+               for line in said), said
+
+
+def test_a_crash_between_the_checkpoint_line_and_its_file_keeps_the_previous_checkpoint(path, monkeypatch, said):
+    checkpointed(path)
+    previous = open(path + journal_module.CHECKPOINT_SUFFIX, "rb").read()
+    log = IssuanceLog()
+    replay(path, log)
+    j = Journal(path, log, run=sync_run, checkpoint_records=1)
+    result_of(j.record_issue(rec(7, "late", T0 + 70), der_of(7)))
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if dst.endswith(journal_module.CHECKPOINT_SUFFIX):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_rename(src, dst)
+    monkeypatch.setattr(journal_module.os, "rename", rename)
+    result_of(j.close())  # the close itself succeeds
+    monkeypatch.undo()
+    assert any("no checkpoint written: No space left on device" in line for line in said)
+    assert open(path + journal_module.CHECKPOINT_SUFFIX, "rb").read() == previous
+    assert not os.path.exists(path + journal_module.CHECKPOINT_SUFFIX + ".tmp")
+    assert open(path, "rb").read().count(b'{"e":"checkpoint"') == 2  # the new line is there, and harmless
+    again = IssuanceLog()
+    assert replay(path, again) == 6 + 2
+    assert state(again) == state(log) == state(full_replay(path))
+
+
+def test_compaction_removes_the_checkpoint_and_its_lines(path):
+    checkpointed(path)
+    log = IssuanceLog()
+    replay(path, log)
+    j = Journal(path, log, run=sync_run)
+    result_of(j.compact(T0, 0))  # nothing expired: every record kept
+    assert not os.path.exists(path + journal_module.CHECKPOINT_SUFFIX)
+    assert [json.loads(line)["e"] for line in open(path, "rb")] == ["issue"] * 6
+    result_of(j.close())
+    again = IssuanceLog()
+    assert replay(path, again) == 6 and state(again) == state(log)
+
+
+def test_corruption_after_the_checkpoint_is_named_from_it(path):
+    checkpointed(path)
+    size = os.path.getsize(path)
+    with open(path, "ab") as f:
+        f.write(b"{not json}\n" + lines_for(1)[0])
+    with pytest.raises(ConfigError, match=rf"journal {path}, line \(counted from the checkpoint ending at byte "
+                                          rf"{size}\) 1: not JSON"):
+        replay(path, IssuanceLog())

@@ -290,6 +290,44 @@ def test_restart_keeps_records_revocations_and_the_crl_number(appliance_factory,
     assert got == [issued[1]]
 
 
+def test_restart_from_a_checkpoint_then_after_an_offline_revocation_and_a_crash(appliance_factory):
+    """[log] checkpoint_records: a clean stop writes the log to journal.checkpoint; the next start reads it and
+    replays only the journal lines after it, and a crash (no new checkpoint) still loses nothing."""
+    app = appliance_factory(users={"alice": "alice pass"}, sections={"log": {"checkpoint_records": "2"}})
+    certs = get_ca_certs(app.url, app.ca_pem)
+    issued = [enroll(app, certs) for _ in range(3)]
+    assert app.stop() == 0
+    checkpoint = os.path.join(app.state_dir, "journal.checkpoint")
+    assert oct(os.stat(checkpoint).st_mode & 0o777) == "0o600"
+    assert "journal " in app.log() and "checkpoint of 3 records written" in app.log()
+    # offline, while it is stopped: a revocation appended after the checkpoint line
+    p = admin("--state-dir", app.state_dir, "revoke", format_serial(issued[0].serial_number), "--reason",
+              "superseded")
+    assert p.returncode == 0, p.stderr
+    app.start()
+    assert "3 records read from the checkpoint" in app.log()
+    assert "issuance log: 4 records replayed" in app.log()  # 3 from the checkpoint, then the revocation
+    [entry] = list(crl_of(app))
+    assert entry.serial_number == issued[0].serial_number
+    later = enroll(app, certs)
+    assert app.stop(signal.SIGKILL) == -signal.SIGKILL  # no checkpoint at this stop
+    app.start()
+    assert app.log().count("3 records read from the checkpoint") == 2
+    assert app.log().count("issuance log: 5 records replayed") == 1  # the revocation and the later issue
+    listed = admin("--state-dir", app.state_dir, "list").stdout
+    for cert in issued + [later]:
+        assert format_serial(cert.serial_number) in listed
+    # the certificates of the checkpoint are read back from the journal by their offsets
+    r = Requester(certs)
+    for cert in (issued[2], later):
+        reply = http(app.url + "?operation=PKIOperation", cafile=app.ca_pem, data=scep.build_get_cert(
+            ca_of(app).subject, cert.serial_number, recipient_cert=r.recipient, signer_key=r.key,
+            signer_cert=r.signer, transaction_id="t", sender_nonce=scep.new_nonce()))[2]
+        rep = scep.parse_signed(reply)
+        assert rep.pki_status == scep.PkiStatus.SUCCESS
+        assert scep.parse_degenerate(scep.decrypt_envelope(rep.content, r.key, r.signer)[0])[0] == [cert]
+
+
 def test_sigkill_during_a_burst_loses_no_certificate_a_client_received(appliance_factory):
     app = appliance_factory(users={"alice": "alice pass"},
                             sections={"policy": {"max_valid_per_user": "0", "max_per_user_per_hour": "0"}})
