@@ -148,6 +148,33 @@ def check_public_key(public_key) -> str:
     return key_type_of(public_key)
 
 
+# What a profile's templates make of a user name is the same for each of that user's certificates: made once
+# (a refusal, raised, is not kept). Keyed by strings only: equal x509.Names may differ in their string types.
+@functools.lru_cache(maxsize=4096)
+def _names(subject_template: str, san_template: str, user: str, profile: str) -> tuple:
+    """(subject Name, subjectAltNames, the subject's RFC 4514 string) of ``user`` in a profile, or ScepFailure
+    when the name does not fit."""
+    values = _template_vars(user, profile)
+    try:
+        subject = x509.Name([x509.RelativeDistinguishedName([
+            x509.NameAttribute(oid, _subject_value(oid, _fill(v, values)))])
+            for oid, v in reversed(_parse_subject_template(subject_template))])
+    except ValueError as e:  # e.g. a CN longer than 64 characters
+        raise ScepFailure(FailInfo.badRequest, f"the user name does not fit the certificate subject: {e}") from None
+    san = []
+    for kind, v in _parse_san_template(san_template):
+        v = _fill(v, values)
+        if kind == "email":
+            san.append(x509.RFC822Name(_check_email(v)))
+        elif kind == "dns":
+            san.append(x509.DNSName(_check_dns(v)))
+        else:
+            if not v.isascii() or any(c in v for c in " \"<>\\^`{|}"):
+                raise ScepFailure(FailInfo.badRequest, "the user name does not make a valid URI subjectAltName")
+            san.append(x509.UniformResourceIdentifier(v))
+    return subject, tuple(san), subject.rfc4514_string()
+
+
 @dataclass(frozen=True)
 class Decision:
     profile: str
@@ -157,6 +184,11 @@ class Decision:
     not_after: datetime.datetime
     eku: Tuple[str, ...]
     key_type: str
+    subject_text: str = ""  # RFC 4514, for the issuance log; made from ``subject`` when not given
+
+    def __post_init__(self):
+        if not self.subject_text:
+            object.__setattr__(self, "subject_text", self.subject.rfc4514_string())
 
 
 @dataclass(frozen=True)
@@ -224,24 +256,7 @@ class Policy:
         if self.max_per_user_per_hour and issued_last_hour >= self.max_per_user_per_hour:
             raise ScepFailure(FailInfo.badRequest, f"issuance rate limit reached ({self.max_per_user_per_hour} "
                                                    "per user per hour); try later")
-        values = _template_vars(identity.user, prof.name)
-        try:
-            subject = x509.Name([x509.RelativeDistinguishedName([
-                x509.NameAttribute(oid, _subject_value(oid, _fill(v, values)))])
-                for oid, v in reversed(_parse_subject_template(prof.subject))])
-        except ValueError as e:  # e.g. a CN longer than 64 characters
-            raise ScepFailure(FailInfo.badRequest, f"the user name does not fit the certificate subject: {e}") from None
-        san = []
-        for kind, v in _parse_san_template(prof.san):
-            v = _fill(v, values)
-            if kind == "email":
-                san.append(x509.RFC822Name(_check_email(v)))
-            elif kind == "dns":
-                san.append(x509.DNSName(_check_dns(v)))
-            else:
-                if not v.isascii() or any(c in v for c in " \"<>\\^`{|}"):
-                    raise ScepFailure(FailInfo.badRequest, "the user name does not make a valid URI subjectAltName")
-                san.append(x509.UniformResourceIdentifier(v))
+        subject, san, subject_text = _names(prof.subject, prof.san, identity.user, prof.name)
         lifetime = prof.lifetime
         if identity.session_timeout:
             lifetime = min(lifetime, identity.session_timeout)
@@ -251,4 +266,4 @@ class Policy:
             not_before = max(not_before, ca_not_before)
         if not_after <= now:
             raise ScepFailure(FailInfo.badTime, "the CA certificate has expired; no certificate can be issued")
-        return Decision(prof.name, subject, tuple(san), not_before, not_after, prof.eku, key_type)
+        return Decision(prof.name, subject, san, not_before, not_after, prof.eku, key_type, subject_text)

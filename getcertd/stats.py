@@ -52,6 +52,13 @@ class Stats:
                                       ["endpoint", "code"], registry=r)
         self.other = Counter("getcertd_events", "Other counted events", ["event"], registry=r)
         r.register(_Live(self))
+        self._children = {}  # (metric, label values) -> its child: labels() takes a lock and checks each time
+
+    def _child(self, metric, *labels):
+        child = self._children.get((metric, labels))
+        if child is None:  # the label values are this code's own words (profiles, failInfo, endpoints, codes)
+            child = self._children[(metric, labels)] = metric.labels(*labels)
+        return child
 
     # Counting (called by the enrollment service, the RADIUS client and the web sites)
 
@@ -59,23 +66,23 @@ class Stats:
         """Count one event: ("issued", profile), ("refused", failInfo name), ("auth", backend, result)."""
         kind = key[0] if key else ""
         if kind == "issued" and len(key) == 2:
-            self.enrollments.labels("issued", key[1], "").inc()
+            self._child(self.enrollments, "issued", key[1], "").inc()
         elif kind == "refused" and len(key) == 2:
-            self.enrollments.labels("refused", "", key[1]).inc()
+            self._child(self.enrollments, "refused", "", key[1]).inc()
         elif kind == "auth" and len(key) == 3:
-            self.authentications.labels(key[1], key[2]).inc()
+            self._child(self.authentications, key[1], key[2]).inc()
         else:
-            self.other.labels(":".join(str(k) for k in key)).inc()
+            self._child(self.other, ":".join(str(k) for k in key)).inc()
 
     def observe_radius_rtt(self, server: str, seconds: float):
-        self.radius_rtt.labels(server).observe(max(seconds, 0.0))
+        self._child(self.radius_rtt, server).observe(max(seconds, 0.0))
 
     def observe_journal_commit(self, seconds: float):
         self.journal_commits.observe(max(seconds, 0.0))
 
     def observe_request(self, endpoint: str, code: int, seconds: float):
-        self.request_latency.labels(endpoint).observe(max(seconds, 0.0))
-        self.http_responses.labels(endpoint, str(code)).inc()
+        self._child(self.request_latency, endpoint).observe(max(seconds, 0.0))
+        self._child(self.http_responses, endpoint, str(code)).inc()
 
     # Reading
 

@@ -145,6 +145,25 @@ def test_profile_by_hint_and_session_timeout_cap():
     assert d.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)[0].value == "short"
 
 
+def test_names_made_once_per_user_and_profile_are_the_right_ones():
+    """The subject and subjectAltNames are made once per (templates, user, profile): a second decision gets the
+    same objects, another user or profile (one whose template is the same but {profile} differs) its own, and
+    the issuance log's subject text is that subject's RFC 4514 string."""
+    p = Policy(profiles={"default": ProfileConfig("default", 3600, "CN={user}, OU={profile}", "dns:{local}.x", ()),
+                         "b": ProfileConfig("b", 3600, "CN={user}, OU={profile}", "dns:{local}.x", ())},
+               profile_map={"to-b": "b"})
+    first, again = (p.decide(Identity("carol@x", "local"), RSA, NOW, CA_END) for _ in range(2))
+    assert again.subject is first.subject and again.san is first.san
+    assert first.subject_text == first.subject.rfc4514_string() == "CN=carol@x,OU=default"
+    other = p.decide(Identity("carol@x", "local", profile_hints=("to-b",)), RSA, NOW, CA_END)
+    assert other.subject_text == "CN=carol@x,OU=b" and other.san == (x509.DNSName("carol.x"),)
+    assert p.decide(Identity("dave", "local"), RSA, NOW, CA_END).subject_text == "CN=dave,OU=default"
+    with pytest.raises(ScepFailure):  # a refusal is not kept: refused again, not answered from a cache
+        p.decide(Identity("d" * 65, "local"), RSA, NOW, CA_END)
+    with pytest.raises(ScepFailure):
+        p.decide(Identity("d" * 65, "local"), RSA, NOW, CA_END)
+
+
 def test_lifetime_never_beyond_ca():
     d = policy().decide(Identity("alice", "local"), RSA, NOW, NOW + datetime.timedelta(minutes=5))
     assert d.not_after == NOW + datetime.timedelta(minutes=5)
