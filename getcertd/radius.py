@@ -6,7 +6,8 @@ Lowest layer first:
   ``[radius]`` config section (resolving host names once, when the service is composed).
 * Packet codec (layer 1, pure, no I/O): :func:`encode_access_request` builds an Access-Request with
   PAP User-Password hiding (RFC 2865 5.2) and a Message-Authenticator (RFC 2869 5.14) as its first
-  attribute; :func:`decode_reply` checks a reply's Response Authenticator, Message-Authenticator and
+  attribute (in two steps: :func:`prepare_access_request` encodes the attributes once per request,
+  :func:`finish_access_request` each transmission to a server); :func:`decode_reply` checks a reply's Response Authenticator, Message-Authenticator and
   structure and decodes its attributes; :func:`interpret_reply` maps a reply to Accept / Reject /
   Challenge. Attributes are encoded and decoded by pyrad's packet layer with the dictionary shipped
   as package data (``getcertd/dictionary``); the authenticators are computed here.
@@ -52,6 +53,7 @@ CODE_NAMES = {ACCESS_REQUEST: "Access-Request", ACCESS_ACCEPT: "Access-Accept",
               ACCESS_REJECT: "Access-Reject", ACCESS_CHALLENGE: "Access-Challenge"}
 REPLY_CODES = frozenset((ACCESS_ACCEPT, ACCESS_REJECT, ACCESS_CHALLENGE))
 
+USER_PASSWORD = 2
 MESSAGE_AUTHENTICATOR = 80
 PROXY_STATE = 33
 HEADER_LENGTH = 20
@@ -127,37 +129,83 @@ def _split_attributes(data: bytes) -> List[Tuple[int, int, int]]:
     return out
 
 
-def encode_access_request(identifier: int, authenticator: bytes, secret: bytes,
-                          attributes: Sequence[Tuple[str, Any]]) -> bytes:
-    """Build an Access-Request: a Message-Authenticator first, then ``attributes`` in order.
+@dataclass(frozen=True)
+class PreparedRequest:
+    """An Access-Request's attributes, encoded once by pyrad (the slow part), around the one value that changes
+    with each transmission's Request Authenticator: the User-Password, hidden by :func:`finish_access_request`."""
+    before: bytes  # the encoded attributes before the User-Password
+    password: Optional[bytes]  # its plaintext, or None
+    after: bytes  # the encoded attributes after it
 
-    ``attributes`` are (dictionary name, value) pairs; a User-Password value is the plaintext
-    (bytes or str), hidden here as RFC 2865 section 5.2 describes. Raises ValueError for a value that
-    can't be encoded (e.g. a password over 128 octets, an attribute over 253 octets, a packet over 4096).
-    """
+
+def _encode_attributes(attributes) -> bytes:
+    pkt = pyrad_packet.AuthPacket(code=ACCESS_REQUEST, id=0, secret=b"", authenticator=bytes(16), dict=DICTIONARY)
+    for name, value in attributes:
+        pkt.AddAttribute(name, value)
+    return pkt.RequestPacket()[HEADER_LENGTH:]
+
+
+def _hidden_length(password: bytes) -> int:
+    return max(16, -(-len(password) // 16) * 16)
+
+
+def prepare_access_request(attributes: Sequence[Tuple[str, Any]]) -> PreparedRequest:
+    """``attributes`` ((dictionary name, value) pairs; a User-Password value is the plaintext, bytes or str)
+    encoded for :func:`finish_access_request`. Raises ValueError for what can't be sent (a password over 128
+    octets, a second User-Password, an attribute over 253 octets, a packet over 4096)."""
+    names = [name for name, _ in attributes]
+    if names.count("User-Password") > 1:
+        raise ValueError("one User-Password at most")
+    at = names.index("User-Password") if "User-Password" in names else len(names)
+    password = None
+    if at < len(names):
+        password = attributes[at][1]
+        if isinstance(password, str):
+            password = password.encode("utf-8")
+        if len(password) > MAX_PASSWORD_LENGTH:
+            raise ValueError(f"password longer than {MAX_PASSWORD_LENGTH} octets")
+    prepared = PreparedRequest(_encode_attributes(attributes[:at]), password, _encode_attributes(attributes[at + 1:]))
+    length = HEADER_LENGTH + 18 + len(prepared.before) + len(prepared.after) \
+        + (2 + _hidden_length(password) if password is not None else 0)
+    if length > MAX_PACKET_LENGTH:
+        raise ValueError(f"Access-Request longer than {MAX_PACKET_LENGTH} octets")
+    return prepared
+
+
+def hide_password(password: bytes, authenticator: bytes, secret: bytes) -> bytes:
+    """The User-Password value: the password padded with zeros to a multiple of 16 octets (at least 16), each
+    block XORed with MD5(secret + the previous hidden block, or the Request Authenticator), RFC 2865 5.2."""
+    padded = password + bytes(_hidden_length(password) - len(password))
+    out, last = [], authenticator
+    for i in range(0, len(padded), 16):
+        last = (int.from_bytes(padded[i:i + 16], "big")
+                ^ int.from_bytes(hashlib.md5(secret + last).digest(), "big")).to_bytes(16, "big")
+        out.append(last)
+    return b"".join(out)
+
+
+def finish_access_request(prepared: PreparedRequest, identifier: int, authenticator: bytes, secret: bytes) -> bytes:
+    """The Access-Request of :func:`prepare_access_request` with this identifier and Request Authenticator: a
+    Message-Authenticator first (BlastRADIUS advice), then the attributes in their order."""
     if not 0 <= identifier <= 255:
         raise ValueError("identifier out of range")
     if len(authenticator) != 16:
         raise ValueError("the Request Authenticator is 16 octets")
-    pkt = pyrad_packet.AuthPacket(code=ACCESS_REQUEST, id=identifier, secret=secret,
-                                  authenticator=authenticator, dict=DICTIONARY)
-    # First attribute, zeroed while the HMAC is computed (BlastRADIUS advice: put it first).
-    pkt[MESSAGE_AUTHENTICATOR] = [bytes(16)]
-    for name, value in attributes:
-        if name == "User-Password":
-            if isinstance(value, str):
-                value = value.encode("utf-8")
-            if len(value) > MAX_PASSWORD_LENGTH:
-                raise ValueError(f"password longer than {MAX_PASSWORD_LENGTH} octets")
-            value = pkt.PwCrypt(value)
-        pkt.AddAttribute(name, value)
-    data = pkt.RequestPacket()
-    if len(data) > MAX_PACKET_LENGTH:
-        raise ValueError(f"Access-Request longer than {MAX_PACKET_LENGTH} octets")
-    assert data[HEADER_LENGTH:HEADER_LENGTH + 2] == bytes((MESSAGE_AUTHENTICATOR, 18))
-    mac = message_authenticator(data, authenticator, secret)
-    start = HEADER_LENGTH + 2
-    return data[:start] + mac + data[start + 16:]
+    attributes = [bytes((MESSAGE_AUTHENTICATOR, 18)), bytes(16), prepared.before]
+    if prepared.password is not None:
+        hidden = hide_password(prepared.password, authenticator, secret)
+        attributes += [bytes((USER_PASSWORD, 2 + len(hidden))), hidden]
+    attributes.append(prepared.after)
+    attrs = b"".join(attributes)
+    data = struct.pack("!BBH", ACCESS_REQUEST, identifier, HEADER_LENGTH + len(attrs)) + authenticator + attrs
+    start = HEADER_LENGTH + 2  # the Message-Authenticator's value, zero while the HMAC is computed
+    return data[:start] + message_authenticator(data, authenticator, secret) + data[start + 16:]
+
+
+def encode_access_request(identifier: int, authenticator: bytes, secret: bytes,
+                          attributes: Sequence[Tuple[str, Any]]) -> bytes:
+    """Build an Access-Request (:func:`prepare_access_request` and :func:`finish_access_request` at once)."""
+    return finish_access_request(prepare_access_request(attributes), identifier, authenticator, secret)
 
 
 def encode_reply(code: int, identifier: int, request_authenticator: bytes, secret: bytes,
@@ -474,8 +522,8 @@ class _Server:
 class _Request:
     """One authentication: its attributes and where it stands (server, identifier, transmissions)."""
 
-    def __init__(self, attributes: List[Tuple[str, Any]], deferred: defer.Deferred):
-        self.attributes = attributes
+    def __init__(self, prepared: PreparedRequest, deferred: defer.Deferred):
+        self.prepared = prepared
         self.deferred = deferred
         self.tried: set = set()
         self.server: Optional[_Server] = None
@@ -597,8 +645,7 @@ class RadiusClientProtocol(DatagramProtocol):
         AuthUnavailable when no server answered. Raises ValueError at once if the attributes can't be
         encoded. Cancelling the Deferred forgets the request.
         """
-        attributes = list(attributes)
-        encode_access_request(0, bytes(16), self.settings.secret, attributes)  # fail fast
+        prepared = prepare_access_request(list(attributes))  # ValueError at once; encoded once for every server
         request: Optional[_Request] = None
 
         def cancel(_):
@@ -607,7 +654,7 @@ class RadiusClientProtocol(DatagramProtocol):
                 self._cancel_timer(request)
                 self._release(request)
 
-        request = _Request(attributes, defer.Deferred(cancel))
+        request = _Request(prepared, defer.Deferred(cancel))
         request.deadline = self.clock.seconds() + self.bound
         if server is not None:  # the others count as tried
             request.tried.update(s.address for s in self._servers if s.label != server)
@@ -685,8 +732,8 @@ class RadiusClientProtocol(DatagramProtocol):
             return
         request.server, request.queued, request.identifier = server, False, identifier
         request.authenticator = self._random(16)
-        request.packet = encode_access_request(identifier, request.authenticator, self.settings.secret,
-                                               request.attributes)
+        request.packet = finish_access_request(request.prepared, identifier, request.authenticator,
+                                               self.settings.secret)
         request.tried.add(server.address)
         request.transmissions = 0
         request.first_sent = self.clock.seconds()

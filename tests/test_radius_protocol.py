@@ -144,6 +144,39 @@ def test_password_too_long():
         encode_access_request(1, bytes(16), SECRET, [("User-Name", "a"), ("User-Password", b"x" * 129)])
 
 
+def test_prepared_request_is_the_packet_pyrad_builds_byte_for_byte():
+    """The attributes are encoded once per request and the password hidden per transmission: the packet is the
+    one pyrad builds in one go (Message-Authenticator first), for each password length around the blocks."""
+    from pyrad import packet as pyrad_packet
+    from getcertd.radius import DICTIONARY, MESSAGE_AUTHENTICATOR, hide_password, message_authenticator
+    for password in (b"", b"p", b"x" * 15, b"x" * 16, b"x" * 17, "p\u00e4ss", b"y" * 128):
+        authenticator = bytes(range(7, 23))
+        attributes = [("User-Name", "alice"), ("User-Password", password), ("NAS-Identifier", "getcertd"),
+                      ("NAS-IP-Address", "192.0.2.1"), ("Calling-Station-Id", CLIENT), ("State", b"\x01\x02")]
+        pkt = pyrad_packet.AuthPacket(code=1, id=9, secret=SECRET, authenticator=authenticator, dict=DICTIONARY)
+        pkt[MESSAGE_AUTHENTICATOR] = [bytes(16)]
+        for name, value in attributes:
+            pkt.AddAttribute(name, pkt.PwCrypt(value) if name == "User-Password" else value)
+        data = pkt.RequestPacket()
+        expected = data[:22] + message_authenticator(data, authenticator, SECRET) + data[38:]
+        assert encode_access_request(9, authenticator, SECRET, attributes) == expected
+        plain = password.encode() if isinstance(password, str) else password
+        assert hide_password(plain, authenticator, SECRET) == pkt.PwCrypt(password)
+
+
+@pytest.mark.parametrize("attributes", [
+    [("User-Name", "a"), ("User-Password", b"x"), ("User-Password", b"y")],
+    [("User-Name", "a"), ("User-Password", b"x" * 129)],
+    [("User-Name", "a" * 254)],
+    [("User-Name", "a")] + [("Calling-Station-Id", "c" * 253)] * 16,  # 4,096 octets passed
+])
+def test_attributes_that_cant_be_sent_are_refused_before_anything_is_sent(attributes):
+    proto, clock, transport = make()
+    with pytest.raises(ValueError):
+        proto.send_access_request(attributes)
+    assert transport.written == [] and server_status(proto)["in_flight"] == 0
+
+
 def test_decode_reply_checks():
     auth = bytes(range(16))
     good = encode_reply(ACCESS_ACCEPT, 3, auth, SECRET, [("Session-Timeout", 600), ("Class", b"gold")])
@@ -438,6 +471,19 @@ def test_failover_accept_from_second_server():
     assert out == []
     proto.datagramReceived(reply_to(datagram, ACCESS_ACCEPT), B)
     assert isinstance(out[0], Accept)
+
+
+def test_failover_hides_the_password_again_under_the_new_request_authenticator():
+    proto, clock, transport = make(servers=(A, B), timeout=1, retries=0)
+    results(RadiusAuthenticator(proto).authenticate("alice", b"alice-pass", None, CLIENT))
+    clock.advance(1)
+    (first, _), (second, addr) = transport.written
+    assert addr == B
+    for datagram in (first, second):
+        code, identifier, authenticator, attrs = parse_request(datagram)
+        assert rfc2869_mac_ok(datagram, authenticator, SECRET)
+        assert rfc2865_unhide(attr(attrs, 2)[0], authenticator, SECRET) == b"alice-pass"
+    assert parse_request(first)[2] != parse_request(second)[2]
 
 
 def test_dead_marking_and_recovery():
