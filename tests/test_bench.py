@@ -44,7 +44,11 @@ def test_bench_quick(tmp_path):
             assert 0 < row["journal_commits"] <= row["requests"] and 0 <= row["journal_commits_over_20ms"] <= row[
                 "journal_commits"]
         assert _positive(b["half_peak"]["offered_rate"])
-        assert _positive(b["bound"]) and _positive(b["ratio"])
+        assert _positive(b["bound"]) and _positive(b["ratio"]) and _positive(b["ratio_against_run_bound"])
+        for row in b["levels"]:  # each level against the bound measured around it
+            assert _positive(row["bound_nearby"])
+            assert abs(row["ratio"] - row["enrollments_per_second"] / row["bound_nearby"]) < 0.01
+        assert b["ratio"] == max(row["ratio"] for row in b["levels"])
         assert b["best_enrollments_per_second"] == max(row["enrollments_per_second"] for row in b["levels"])
         assert b["errors"] == 0 and b["checked_replies"] > 0
         assert b["serials_unique"] is True and b["serials_decoded"] == b["checked_replies"]
