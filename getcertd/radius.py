@@ -7,10 +7,11 @@ Lowest layer first:
 * Packet codec (layer 1, pure, no I/O): :func:`encode_access_request` builds an Access-Request with
   PAP User-Password hiding (RFC 2865 5.2) and a Message-Authenticator (RFC 2869 5.14) as its first
   attribute (in two steps: :func:`prepare_access_request` encodes the attributes once per request,
-  :func:`finish_access_request` each transmission to a server); :func:`decode_reply` checks a reply's Response Authenticator, Message-Authenticator and
-  structure and decodes its attributes; :func:`interpret_reply` maps a reply to Accept / Reject /
-  Challenge. Attributes are encoded and decoded by pyrad's packet layer with the dictionary shipped
-  as package data (``getcertd/dictionary``); the authenticators are computed here.
+  :func:`finish_access_request` each transmission to a server); :func:`decode_reply` checks a reply's
+  Response Authenticator, Message-Authenticator and structure and decodes its attributes;
+  :func:`interpret_reply` maps a reply to Accept / Reject / Challenge. Attributes are encoded and
+  decoded by pyrad's packet layer with the dictionary shipped as package data (``getcertd/dictionary``);
+  the password hiding and the authenticators are computed here.
 * :class:`RadiusClientProtocol` (layer 2): one UDP socket, an in-flight table keyed by (server,
   identifier), retransmission, failover, dead-server marking and counters, driven by the clock passed
   in. The caller listens: ``reactor.listenUDP(0, protocol, interface=settings.listen_interface)``, or
