@@ -1,9 +1,10 @@
 """The issuance log's in-memory model (layer 1): pure, no I/O, no clock; times are ints (epoch seconds) passed in.
 
 Memory: the target is at most 1 KiB per record at a million records, so a :class:`Record` is a ``__slots__``
-object of ints and strings, repeated strings (user, profile, key type, auth method, client address) are
-interned, and a user's repeated subject and SAN share the string of their previous record. The indexes are
-plain dicts and lists of the same Record objects; there is no per-record dict. Measured with tracemalloc
+object of ints and strings, repeated strings (user, profile, key type, auth method) are interned, and a user's
+repeated subject, SAN and client address share the string of their previous record. (Client addresses are not
+interned: most are seen once, and interning each one cost replay time and a table entry for little sharing.)
+The indexes are plain dicts and lists of the same Record objects; there is no per-record dict. Measured with tracemalloc
 (``scripts/measure_log.py``): about 550 bytes per record at a million records when users hold several
 certificates each, about 890 when every record belongs to a different user.
 
@@ -137,7 +138,6 @@ class IssuanceLog:
             record.profile = _intern(record.profile)
             record.key_type = _intern(record.key_type)
             record.auth_method = _intern(record.auth_method)
-            record.client = _intern(record.client)
         else:
             # Share the strings a user's records usually repeat (the user's previous record has them interned).
             prev = records[-1]
@@ -156,8 +156,6 @@ class IssuanceLog:
                 record.auth_method = _intern(record.auth_method)
             if record.client == prev.client:
                 record.client = prev.client
-            else:
-                record.client = _intern(record.client)
             if record.subject == prev.subject:
                 record.subject = prev.subject
             if record.san == prev.san:
@@ -208,7 +206,6 @@ class IssuanceLog:
                 record.profile = intern(record.profile)
                 record.key_type = intern(record.key_type)
                 record.auth_method = intern(record.auth_method)
-                record.client = intern(record.client)
             else:
                 prev = previous[-1]
                 previous.append(record)
@@ -219,12 +216,43 @@ class IssuanceLog:
                 record.key_type = shared if value == shared else intern(value)
                 value, shared = record.auth_method, prev.auth_method
                 record.auth_method = shared if value == shared else intern(value)
-                value, shared = record.client, prev.client
-                record.client = shared if value == shared else intern(value)
+                if record.client == prev.client:
+                    record.client = prev.client
                 if record.subject == prev.subject:
                     record.subject = prev.subject
                 if record.san == prev.san:
                     record.san = prev.san
+            if record.issued_at == record.not_before:
+                record.issued_at = record.not_before
+            bucket = record.not_after // _BUCKET
+            expiring = expiry.get(bucket)
+            if expiring is None:
+                expiry[bucket] = [record]
+            else:
+                expiring.append(record)
+            if record.revoked_at is not None:
+                revoked[record.serial] = record
+
+    def add_loaded(self, records: list) -> None:
+        """Index records read back from a journal checkpoint, in order: faster than :meth:`add_many`, which it
+        builds the same indexes as, because their strings already share objects as in the log that wrote them
+        (getcertd.journal's checkpoint restores that), so none are compared or interned here. ValueError, with
+        nothing added, if a serial is already in the log or twice in ``records``."""
+        by_serial = self._by_serial
+        serials = [r.serial for r in records]
+        if len(set(serials)) != len(serials) or not by_serial.keys().isdisjoint(serials):
+            raise ValueError("a serial is already in the issuance log, or twice in the records added")
+        by_serial.update(zip(serials, records))
+        self._by_tid.update(zip(map(_tid_of, records), records))
+        by_user = self._by_user
+        expiry = self._expiry
+        revoked = self._revoked
+        for record in records:
+            previous = by_user.get(record.user)
+            if previous is None:
+                by_user[record.user] = [record]
+            else:
+                previous.append(record)
             if record.issued_at == record.not_before:
                 record.issued_at = record.not_before
             bucket = record.not_after // _BUCKET

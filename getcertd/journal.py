@@ -21,22 +21,29 @@ again. All work on the file (batches, reading a certificate back, compaction) is
 so a record's ``offset`` is only read or changed while no other job runs.
 
 Checkpoints: a big log (``checkpoint_records``) is written at a clean stop to ``<journal>.checkpoint`` (0600):
-every record as a marshal'd tuple, in frames of 4,096 records each with its length and BLAKE2b digest, after a
-line naming the format, the marshal version and the Python version. Before it, a line
-``{"e":"checkpoint","id":"<128 random bits>"}`` is appended to the journal and fsynced; the checkpoint file
-holds that id and the line's offset. :func:`replay` uses a checkpoint only when the journal still holds that
-very line at that offset (so the journal up to it is the one the checkpoint was made from), every frame's
-digest matches and the versions are this process's: then it loads the records and replays only the lines
-after the checkpoint line. Anything else (no file, a compacted, replaced or restored journal, a crash while
-writing, another Python) is a full replay, with a warning when a checkpoint was there and unusable. Checkpoint
-lines are no-ops in a replay, and compaction drops them and removes the checkpoint file.
+the records in frames of 4,096, each frame with its length and BLAKE2b digest, after a line naming the format,
+the pickle protocol and the Python version. A frame is the records' fields as a tuple of columns (one list per
+field), pickled (protocol 5) by one pickler for the whole file: its memo spans the frames, so every string the
+log shares between records (a user's name, profile, subject...) is written once and read back as one object,
+and loading only builds the indexes (:meth:`~getcertd.issuance.IssuanceLog.add_loaded`). It is read by an
+unpickler that refuses every class and function: only tuples, lists, ints, strings and None come out.
+
+Before the checkpoint is written, a line ``{"e":"checkpoint","id":"<128 random bits>"}`` is appended to the
+journal and fsynced; the checkpoint file holds that id and the line's offset. :func:`replay` uses a checkpoint
+only when the journal still holds that very line at that offset (so the journal up to it is the one the
+checkpoint was made from), every frame's digest matches and the versions are this process's: then it loads the
+records and replays only the lines after the checkpoint line. Anything else (no file, a compacted, replaced or
+restored journal, a crash while writing, another Python) is a full replay, with a warning when a checkpoint was
+there and unusable. Checkpoint lines are no-ops in a replay, and compaction drops them and removes the
+checkpoint file.
 """
 import base64
 import gc
 import hashlib
+import io
 import json
-import marshal
 import os
+import pickle
 import re
 import struct
 import sys
@@ -235,7 +242,9 @@ def _apply(event, log, path, line, offset):
 # Checkpoints (see the module docstring).
 CHECKPOINT_SUFFIX = ".checkpoint"
 CHECKPOINT_CHUNK = 4096  # records per frame
-_CHECKPOINT_MAGIC = b"getcertd checkpoint 1, marshal %d, python %d.%d\n" % (marshal.version, *sys.version_info[:2])
+_PICKLE_PROTOCOL = 5
+_FIELDS = len(Record.__slots__)
+_CHECKPOINT_MAGIC = b"getcertd checkpoint 2, pickle %d, python %d.%d\n" % (_PICKLE_PROTOCOL, *sys.version_info[:2])
 _FRAME = struct.Struct("<I16s")  # the data's length and its BLAKE2b-128 digest; a zero length ends the file
 
 
@@ -249,6 +258,78 @@ def _checkpoint_line(cid: str) -> bytes:
 
 def _frame(data: bytes) -> bytes:
     return _FRAME.pack(len(data), hashlib.blake2b(data, digest_size=16).digest()) + data
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Unpickles plain values only: a pickle that names any class or function (to build or call it) is refused."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it names {module}.{name}: a checkpoint holds plain values only")
+
+
+def _plain_loads(data: bytes):
+    try:
+        return _PlainUnpickler(io.BytesIO(data)).load()
+    except Exception as e:  # noqa: BLE001 - whatever a bad frame makes the unpickler raise, it is not usable
+        raise _Unusable(f"a frame can't be read: {e}") from None
+
+
+def _plain_dumps(value) -> bytes:
+    return pickle.dumps(value, _PICKLE_PROTOCOL)
+
+
+class _Feed:
+    """The file of a :class:`_FrameReader`'s unpickler: the data of one frame, then of the next."""
+
+    def __init__(self):
+        self.data = io.BytesIO()
+
+    def read(self, n=-1):
+        return self.data.read(n)
+
+    def readinto(self, buffer):
+        return self.data.readinto(buffer)
+
+    def readline(self):
+        return self.data.readline()
+
+
+class _FrameReader:
+    """Reads a checkpoint's frames one after another with one unpickler, whose memo spans them as the writer's
+    did (:func:`_frames_of`). (Nothing here refers back to the reader: no cycle keeps the memo alive after it.)"""
+
+    def __init__(self):
+        self._feed = _Feed()
+        self._unpickler = _PlainUnpickler(self._feed)  # it takes the feed's methods once, here
+
+    def load(self, data: bytes) -> list:
+        """The records of one frame; _Unusable if it is not one pickle of one column per Record field."""
+        self._feed.data = io.BytesIO(data)
+        try:
+            columns = self._unpickler.load()
+        except Exception as e:  # noqa: BLE001 - as in _plain_loads
+            raise _Unusable(f"a frame can't be read: {e}") from None
+        if self._feed.data.tell() != len(data) or type(columns) is not tuple or len(columns) != _FIELDS \
+                or any(type(c) is not list for c in columns) or len(set(map(len, columns))) != 1:
+            raise _Unusable("a frame does not hold one column per record field")
+        records = list(map(Record, *columns))
+        for column in columns:
+            column.clear()  # the memo keeps the lists (a later frame could name them), not what they held
+        return records
+
+
+def _frames_of(rows: list):
+    """The frames' data of a checkpoint of ``rows``: one pickle of columns each, by one pickler (one memo)."""
+    buf = io.BytesIO()
+    pickler = pickle.Pickler(buf, _PICKLE_PROTOCOL)
+    for start in range(0, len(rows), CHECKPOINT_CHUNK):
+        columns = tuple(map(list, zip(*rows[start:start + CHECKPOINT_CHUNK])))
+        pickler.dump(columns)
+        for column in columns:
+            column.clear()  # as in _FrameReader.load: the memo holds on to every list it has seen
+        yield buf.getvalue()
+        buf.seek(0)
+        buf.truncate()
 
 
 def _read_frame(f):
@@ -279,26 +360,31 @@ def _load_checkpoint(path, journal, log):
             if magic != _CHECKPOINT_MAGIC:
                 raise _Unusable(f"it was written by another version of getcertd or Python "
                                 f"({magic[:100].decode('ascii', 'replace').strip()!r})")
-            cid, offset, count = marshal.loads(_read_frame(f))
+            cid, offset, count = _plain_loads(_read_frame(f))
             line = _checkpoint_line(cid)
             journal.seek(offset)
             if journal.read(len(line)) != line:
                 raise _Unusable("the journal does not hold its checkpoint line (compacted, restored or replaced "
                                 "since)")
+            reader = _FrameReader()
             chunks = []
             while True:
                 data = _read_frame(f)
                 if not data:
                     break
-                chunks.append([Record(*row) for row in marshal.loads(data)])
+                chunks.append(reader.load(data))
             if sum(map(len, chunks)) != count or f.read(1):
                 raise _Unusable("its record count does not match")
     except (_Unusable, OSError, ValueError, TypeError, EOFError) as e:
         _log.warn("journal {path}: not using the checkpoint {checkpoint}: {why}; replaying the whole journal",
                   path=path, checkpoint=checkpoint, why=e)
         return 0, 0
-    for chunk in chunks:
-        log.add_many(chunk)
+    try:
+        for chunk in chunks:
+            log.add_loaded(chunk)
+    except ValueError as e:  # a serial twice: only a checkpoint made by hand can say that with good digests
+        raise ConfigError(f"journal {path}: the checkpoint {checkpoint} is not consistent ({e}); move it aside "
+                          f"to replay the whole journal") from None
     _log.info("journal {path}: {count} records read from the checkpoint {checkpoint}", path=path, count=count,
               checkpoint=checkpoint)
     return count, offset + len(line)
@@ -310,7 +396,7 @@ def _checkpoint_meta(path):
         with open(path + CHECKPOINT_SUFFIX, "rb") as f:
             if f.readline(200) != _CHECKPOINT_MAGIC:
                 return None
-            return marshal.loads(_read_frame(f))
+            return _plain_loads(_read_frame(f))
     except (FileNotFoundError, _Unusable, ValueError, EOFError, TypeError):
         return None
 
@@ -326,9 +412,9 @@ def write_checkpoint(path: str, cid: str, offset: int, rows: list) -> None:
             os.fchmod(fd, 0o600)
             with open(fd, "wb", buffering=1 << 20, closefd=False) as out:
                 out.write(_CHECKPOINT_MAGIC)
-                out.write(_frame(marshal.dumps((cid, offset, len(rows)))))
-                for start in range(0, len(rows), CHECKPOINT_CHUNK):
-                    out.write(_frame(marshal.dumps(rows[start:start + CHECKPOINT_CHUNK])))
+                out.write(_frame(_plain_dumps((cid, offset, len(rows)))))
+                for data in _frames_of(rows):
+                    out.write(_frame(data))
                 out.write(_frame(b""))
             os.fsync(fd)
         finally:

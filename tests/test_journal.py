@@ -3,6 +3,7 @@ import base64
 import errno
 import json
 import os
+import pickle
 import stat
 import threading
 import time
@@ -563,6 +564,71 @@ def test_an_unusable_checkpoint_means_a_full_replay(path, said, damage, why):
     assert state(log) == state(expected) and len(log) >= 6
     assert any("not using the checkpoint" in line and why in line and "replaying the whole journal" in line
                for line in said), said
+
+
+def _sharing(log):
+    """Which of the log's strings are one object, as numbers in order of first sight (ids differ between logs)."""
+    ids = {}
+    return [tuple(ids.setdefault(id(getattr(r, f)), len(ids)) for f in ("user", "profile", "subject", "san",
+                                                                        "key_type", "client", "auth_method"))
+            + (r.issued_at is r.not_before,) for r in log]
+
+
+def test_a_checkpoint_gives_back_the_strings_shared_as_in_the_log_that_wrote_it(path, monkeypatch, parsed_lines):
+    monkeypatch.setattr(journal_module, "CHECKPOINT_CHUNK", 2)  # a user's records in several frames
+    written = checkpointed(path, n=9)
+    assert written.get(1).user is written.get(7).user and written.get(1).subject is written.get(4).subject
+    log = IssuanceLog()
+    assert replay(path, log) == 9 and not parsed_lines
+    assert state(log) == state(written) == state(full_replay(path))
+    assert _sharing(log) == _sharing(written)
+    assert log.get(1).user is log.get(7).user is next(u for u in log._by_user if u == "user0")
+    assert [r.serial for r in log.by_user("user1")] == [2, 5, 8] and log.by_transaction(written.get(3).transaction_id)
+    assert sorted(r.serial for r in log.revoked_unexpired(T0)) == [2, 5]
+    assert log.prune(T0 + 8 * HOUR + 4, 0) == 4 and len(log) == 5  # the expiry index: serials 1-4 expired
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return pytest.fail, ("a checkpoint made the appliance call a function",)
+
+
+def _with_frame(checkpoint: bytes, data: bytes) -> bytes:
+    """``checkpoint`` with its first frame of records replaced by ``data``, under a good digest."""
+    size = journal_module._FRAME.size
+    head = checkpoint.index(b"\n") + 1
+    first = head + size + journal_module._FRAME.unpack_from(checkpoint, head)[0]
+    rest = first + size + journal_module._FRAME.unpack_from(checkpoint, first)[0]
+    return checkpoint[:first] + journal_module._frame(data) + checkpoint[rest:]
+
+
+@pytest.mark.parametrize("data, why", [
+    (pickle.dumps(_RunsCode(), 5), "names "),  # refused by name, never called
+    (pickle.dumps([(1, "user0")], 5), "does not hold one column per record field"),  # rows, not columns
+    (pickle.dumps(tuple([1]) * 15, 5), "does not hold one column per record field"),
+    (pickle.dumps(tuple([[1]] * 14 + [[1, 2]]), 5), "does not hold one column per record field"),
+    (b"\x80\x05junk", "can't be read"),
+], ids=["a function to call", "rows", "not lists", "uneven columns", "not a pickle"])
+def test_a_checkpoint_frame_with_a_good_digest_but_not_plain_columns_means_a_full_replay(path, said, data, why):
+    checkpointed(path)
+    checkpoint = path + journal_module.CHECKPOINT_SUFFIX
+    write(checkpoint, _with_frame(open(checkpoint, "rb").read(), data))
+    log = IssuanceLog()
+    replay(path, log)
+    assert state(log) == state(full_replay(path)) and len(log) == 6
+    assert any("not using the checkpoint" in line and why in line for line in said), said
+
+
+def test_a_checkpoint_that_names_a_serial_twice_stops_the_start(path):
+    checkpointed(path)
+    checkpoint = path + journal_module.CHECKPOINT_SUFFIX
+    rows = IssuanceLog()
+    replay(path, rows)
+    rows = rows.rows()
+    twice = rows[:2] + rows[:1] + rows[3:]  # as many records as the header says, one of them twice
+    write(checkpoint, _with_frame(open(checkpoint, "rb").read(), next(journal_module._frames_of(twice))))
+    with pytest.raises(ConfigError, match="is not consistent .*move it aside"):
+        replay(path, IssuanceLog())
 
 
 def test_a_crash_between_the_checkpoint_line_and_its_file_keeps_the_previous_checkpoint(path, monkeypatch, said):
