@@ -177,17 +177,23 @@ class IssuanceLog:
             self.cache_der(serial, der)
         return record
 
-    def add_many(self, records: list) -> None:
+    def add_many(self, records: list, shared: bool = False) -> None:
         """add() each record in order (no DER), faster: journal replay adds a million at start.
 
         The same indexes, string sharing and error as one add() after another: a serial already in the log (or
         twice in ``records``) is a ValueError, with the records before it added. The serial and transactionID
         indexes are filled by dict.update; the loop does the rest of add() (kept in step with it by
         tests/test_issuance.py).
+
+        ``shared``: the records' strings already share objects as in the log that wrote them (a journal
+        checkpoint gives them back so): none are compared or interned, only the indexes are built, and a serial
+        already there or twice is a ValueError with nothing added.
         """
         by_serial = self._by_serial
         serials = [r.serial for r in records]
         if len(set(serials)) != len(serials) or not by_serial.keys().isdisjoint(serials):
+            if shared:
+                raise ValueError("a serial is already in the issuance log, or twice in the records added")
             for record in records:  # a duplicate: one by one, so that the error is about the first of them
                 self.add(record)
             return
@@ -201,58 +207,32 @@ class IssuanceLog:
             user = record.user
             previous = by_user.get(user)
             if previous is None:
-                record.user = user = intern(user)
-                by_user[user] = [record]
-                record.profile = intern(record.profile)
-                record.key_type = intern(record.key_type)
-                record.auth_method = intern(record.auth_method)
+                if shared:
+                    by_user[user] = [record]
+                else:
+                    record.user = user = intern(user)
+                    by_user[user] = [record]
+                    record.profile = intern(record.profile)
+                    record.key_type = intern(record.key_type)
+                    record.auth_method = intern(record.auth_method)
+            elif shared:
+                previous.append(record)
             else:
                 prev = previous[-1]
                 previous.append(record)
                 record.user = prev.user
-                value, shared = record.profile, prev.profile
-                record.profile = shared if value == shared else intern(value)
-                value, shared = record.key_type, prev.key_type
-                record.key_type = shared if value == shared else intern(value)
-                value, shared = record.auth_method, prev.auth_method
-                record.auth_method = shared if value == shared else intern(value)
+                value, shared_value = record.profile, prev.profile
+                record.profile = shared_value if value == shared_value else intern(value)
+                value, shared_value = record.key_type, prev.key_type
+                record.key_type = shared_value if value == shared_value else intern(value)
+                value, shared_value = record.auth_method, prev.auth_method
+                record.auth_method = shared_value if value == shared_value else intern(value)
                 if record.client == prev.client:
                     record.client = prev.client
                 if record.subject == prev.subject:
                     record.subject = prev.subject
                 if record.san == prev.san:
                     record.san = prev.san
-            if record.issued_at == record.not_before:
-                record.issued_at = record.not_before
-            bucket = record.not_after // _BUCKET
-            expiring = expiry.get(bucket)
-            if expiring is None:
-                expiry[bucket] = [record]
-            else:
-                expiring.append(record)
-            if record.revoked_at is not None:
-                revoked[record.serial] = record
-
-    def add_loaded(self, records: list) -> None:
-        """Index records read back from a journal checkpoint, in order: faster than :meth:`add_many`, which it
-        builds the same indexes as, because their strings already share objects as in the log that wrote them
-        (getcertd.journal's checkpoint restores that), so none are compared or interned here. ValueError, with
-        nothing added, if a serial is already in the log or twice in ``records``."""
-        by_serial = self._by_serial
-        serials = [r.serial for r in records]
-        if len(set(serials)) != len(serials) or not by_serial.keys().isdisjoint(serials):
-            raise ValueError("a serial is already in the issuance log, or twice in the records added")
-        by_serial.update(zip(serials, records))
-        self._by_tid.update(zip(map(_tid_of, records), records))
-        by_user = self._by_user
-        expiry = self._expiry
-        revoked = self._revoked
-        for record in records:
-            previous = by_user.get(record.user)
-            if previous is None:
-                by_user[record.user] = [record]
-            else:
-                previous.append(record)
             if record.issued_at == record.not_before:
                 record.issued_at = record.not_before
             bucket = record.not_after // _BUCKET

@@ -25,7 +25,7 @@ the records in frames of 4,096, each frame with its length and BLAKE2b digest, a
 the pickle protocol and the Python version. A frame is the records' fields as a tuple of columns (one list per
 field), pickled (protocol 5) by one pickler for the whole file: its memo spans the frames, so every string the
 log shares between records (a user's name, profile, subject...) is written once and read back as one object,
-and loading only builds the indexes (:meth:`~getcertd.issuance.IssuanceLog.add_loaded`). It is read by an
+and loading only builds the indexes (:meth:`~getcertd.issuance.IssuanceLog.add_many` with ``shared``). It is read by an
 unpickler that refuses every class and function: only tuples, lists, ints, strings and None come out.
 
 Before the checkpoint is written, a line ``{"e":"checkpoint","id":"<128 random bits>"}`` is appended to the
@@ -381,7 +381,7 @@ def _load_checkpoint(path, journal, log):
         return 0, 0
     try:
         for chunk in chunks:
-            log.add_loaded(chunk)
+            log.add_many(chunk, shared=True)
     except ValueError as e:  # a serial twice: only a checkpoint made by hand can say that with good digests
         raise ConfigError(f"journal {path}: the checkpoint {checkpoint} is not consistent ({e}); move it aside "
                           f"to replay the whole journal") from None

@@ -1,4 +1,5 @@
 """The issuance log model: indexes, queries, revocation, pruning, memory."""
+import sys
 import tracemalloc
 
 import pytest
@@ -223,24 +224,30 @@ def test_add_many_builds_what_add_builds():
     assert pattern(mine) == pattern(shared)
 
 
-def test_add_loaded_builds_what_add_many_builds_from_records_that_already_share_their_strings():
+def test_add_many_of_shared_records_builds_the_same_without_sharing_again():
     many, loaded = IssuanceLog(), IssuanceLog()
     many.add_many(_varied(200))
     copies = [Record(*row) for row in many.rows()]  # the same string objects, as a checkpoint gives them back
     for row in copies:
         row.issued_at = int(str(row.issued_at))  # ints are not shared by a checkpoint
-    loaded.add_loaded(copies[:50])
-    loaded.add_loaded(copies[50:])
-    assert _layout(loaded) == _layout(many)  # ids included: nothing was copied or interned again
+    loaded.add_many(copies[:50], shared=True)
+    loaded.add_many(copies[50:], shared=True)
+    assert _layout(loaded) == _layout(many)  # ids included
+    # Nothing is compared or interned: strings shared among the records (not interned) stay as they are.
+    user, profile = _fresh("carol"), _fresh("vpn")
+    fresh = IssuanceLog()
+    fresh.add_many([rec(1, user, profile=profile), rec(2, user, profile=profile)], shared=True)
+    assert all(r.user is user and r.profile is profile for r in fresh) and profile is not sys.intern("vpn")
+    assert fresh.by_user("carol") == list(fresh)
 
 
-def test_add_loaded_refuses_a_serial_twice_and_adds_nothing():
+def test_add_many_of_shared_records_refuses_a_serial_twice_and_adds_nothing():
     log = IssuanceLog()
     log.add(rec(5))
     with pytest.raises(ValueError, match="already in the issuance log, or twice"):
-        log.add_loaded([rec(1, "a"), rec(5, "b")])
+        log.add_many([rec(1, "a"), rec(5, "b")], shared=True)
     with pytest.raises(ValueError, match="already in the issuance log, or twice"):
-        log.add_loaded([rec(7, "a"), rec(7, "b")])
+        log.add_many([rec(7, "a"), rec(7, "b")], shared=True)
     assert [r.serial for r in log] == [5] and log.by_user("a") == []
 
 
