@@ -1,10 +1,9 @@
 """The issuance log's in-memory model (layer 1): pure, no I/O, no clock; times are ints (epoch seconds) passed in.
 
 Memory: the target is at most 1 KiB per record at a million records, so a :class:`Record` is a ``__slots__``
-object of ints and strings, repeated strings (user, profile, key type, auth method) are interned, and a user's
-repeated subject, SAN and client address share the string of their previous record. (Client addresses are not
-interned: most are seen once, and interning each one cost replay time and a table entry for little sharing.)
-The indexes are plain dicts and lists of the same Record objects; there is no per-record dict. Measured with tracemalloc
+object of ints and strings, repeated strings (user, profile, key type, auth method, client address) are
+interned, and a user's repeated subject and SAN share the string of their previous record. The indexes are
+plain dicts and lists of the same Record objects; there is no per-record dict. Measured with tracemalloc
 (``scripts/measure_log.py``): about 550 bytes per record at a million records when users hold several
 certificates each, about 890 when every record belongs to a different user.
 
@@ -138,6 +137,7 @@ class IssuanceLog:
             record.profile = _intern(record.profile)
             record.key_type = _intern(record.key_type)
             record.auth_method = _intern(record.auth_method)
+            record.client = _intern(record.client)
         else:
             # Share the strings a user's records usually repeat (the user's previous record has them interned).
             prev = records[-1]
@@ -156,6 +156,8 @@ class IssuanceLog:
                 record.auth_method = _intern(record.auth_method)
             if record.client == prev.client:
                 record.client = prev.client
+            else:
+                record.client = _intern(record.client)
             if record.subject == prev.subject:
                 record.subject = prev.subject
             if record.san == prev.san:
@@ -215,6 +217,7 @@ class IssuanceLog:
                     record.profile = intern(record.profile)
                     record.key_type = intern(record.key_type)
                     record.auth_method = intern(record.auth_method)
+                    record.client = intern(record.client)
             elif shared:
                 previous.append(record)
             else:
@@ -227,8 +230,8 @@ class IssuanceLog:
                 record.key_type = shared_value if value == shared_value else intern(value)
                 value, shared_value = record.auth_method, prev.auth_method
                 record.auth_method = shared_value if value == shared_value else intern(value)
-                if record.client == prev.client:
-                    record.client = prev.client
+                value, shared_value = record.client, prev.client
+                record.client = shared_value if value == shared_value else intern(value)
                 if record.subject == prev.subject:
                     record.subject = prev.subject
                 if record.san == prev.san:
