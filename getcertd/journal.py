@@ -278,38 +278,26 @@ def _plain_dumps(value) -> bytes:
     return pickle.dumps(value, _PICKLE_PROTOCOL)
 
 
-class _Feed:
-    """The file of a :class:`_FrameReader`'s unpickler: the data of one frame, then of the next."""
-
-    def __init__(self):
-        self.data = io.BytesIO()
-
-    def read(self, n=-1):
-        return self.data.read(n)
-
-    def readinto(self, buffer):
-        return self.data.readinto(buffer)
-
-    def readline(self):
-        return self.data.readline()
-
-
 class _FrameReader:
     """Reads a checkpoint's frames one after another with one unpickler, whose memo spans them as the writer's
     did (:func:`_frames_of`). (Nothing here refers back to the reader: no cycle keeps the memo alive after it.)"""
 
     def __init__(self):
-        self._feed = _Feed()
-        self._unpickler = _PlainUnpickler(self._feed)  # it takes the feed's methods once, here
+        self._file = io.BytesIO()  # each frame's data in turn: the unpickler takes this file's methods once
+        self._unpickler = _PlainUnpickler(self._file)
 
     def load(self, data: bytes) -> list:
         """The records of one frame; _Unusable if it is not one pickle of one column per Record field."""
-        self._feed.data = io.BytesIO(data)
+        file = self._file
+        file.seek(0)
+        file.truncate()
+        file.write(data)
+        file.seek(0)
         try:
             columns = self._unpickler.load()
         except Exception as e:  # noqa: BLE001 - as in _plain_loads
             raise _Unusable(f"a frame can't be read: {e}") from None
-        if self._feed.data.tell() != len(data) or type(columns) is not tuple or len(columns) != _FIELDS \
+        if file.tell() != len(data) or type(columns) is not tuple or len(columns) != _FIELDS \
                 or any(type(c) is not list for c in columns) or len(set(map(len, columns))) != 1:
             raise _Unusable("a frame does not hold one column per record field")
         records = list(map(Record, *columns))

@@ -607,8 +607,9 @@ def _with_frame(checkpoint: bytes, data: bytes) -> bytes:
     (pickle.dumps([(1, "user0")], 5), "does not hold one column per record field"),  # rows, not columns
     (pickle.dumps(tuple([1]) * 15, 5), "does not hold one column per record field"),
     (pickle.dumps(tuple([[1]] * 14 + [[1, 2]]), 5), "does not hold one column per record field"),
+    (pickle.dumps(tuple([[1]] * 15), 5) + b"more", "does not hold one column per record field"),
     (b"\x80\x05junk", "can't be read"),
-], ids=["a function to call", "rows", "not lists", "uneven columns", "not a pickle"])
+], ids=["a function to call", "rows", "not lists", "uneven columns", "more after the pickle", "not a pickle"])
 def test_a_checkpoint_frame_with_a_good_digest_but_not_plain_columns_means_a_full_replay(path, said, data, why):
     checkpointed(path)
     checkpoint = path + journal_module.CHECKPOINT_SUFFIX
