@@ -115,6 +115,18 @@ assert _ISSUE_LINE.match(_CANONICAL).groups() == (b"1", b"U", b"P", b"S", b"X", 
 _issue_match = _ISSUE_LINE.match
 
 
+_SERIAL_AT = len(_ISSUE_PREFIX + b',"serial":')
+
+
+def _serial_of(line: bytes):
+    """The serial of an issue line in the canonical layout (``{"e":"issue","serial":<digits>,``), or None."""
+    end = line.find(b",", _SERIAL_AT, _SERIAL_AT + 60)
+    digits = line[_SERIAL_AT:end]
+    if end < 0 or not line.startswith(b',"serial":', len(_ISSUE_PREFIX)) or not digits.isdigit():
+        return None
+    return int(digits)
+
+
 def _fast_issue(line: bytes, offset: int):
     """A Record from a newline-terminated issue line in the canonical layout, or None."""
     m = _issue_match(line)
@@ -804,8 +816,10 @@ class Journal(service.Service):
                 pos += len(line)
                 if pos > end:
                     break
-                if line.startswith(_REVOKE_PREFIX):
-                    event = _loads(line)
+                if line.startswith(_ISSUE_PREFIX) or line.startswith(_CHECKPOINT_PREFIX):
+                    continue
+                event = _loads(line)  # a revocation (or an event in another key order, which replay accepts)
+                if event.get("e") == "revoke":
                     revocations.setdefault(event["serial"], event)
         tmp = self.path + ".compact"
         records, offsets = [], array("q")
@@ -821,18 +835,30 @@ class Journal(service.Service):
                     pos += len(line)
                     if pos > end:
                         break
-                    if not line.startswith(_ISSUE_PREFIX):
+                    # An issue line whose record the log holds (replayed from it, or written with it): that
+                    # record's notAfter decides, and the line is copied unparsed. Any other line, and one a
+                    # revocation may have to be folded into, is parsed. (At 200,000 records: 2.27 -> 1.34 s of
+                    # CPU, while the lock keeps every commit waiting.)
+                    if line.startswith(_ISSUE_PREFIX):
+                        serial = _serial_of(line)
+                        record = get(serial) if serial is not None else None
+                    elif line.startswith(_REVOKE_PREFIX) or line.startswith(_CHECKPOINT_PREFIX):
                         continue
-                    event = _loads(line)
-                    if event["not_after"] < cutoff:
+                    else:
+                        serial = record = None  # another key order: parsed below
+                    if record is None or serial in revocations:
+                        event = _loads(line)
+                        if event.get("e") != "issue" or event["not_after"] < cutoff:
+                            continue
+                        serial = event["serial"]
+                        revocation = revocations.get(serial)
+                        if revocation is not None and event.get("revoked_at") is None:
+                            event["revoked_at"] = revocation["at"]
+                            event["revocation_reason"] = revocation["reason"]
+                            line = encode_event(event)
+                        record = get(serial)
+                    elif record.not_after < cutoff:
                         continue
-                    serial = event["serial"]
-                    revocation = revocations.get(serial)
-                    if revocation is not None and event.get("revoked_at") is None:
-                        event["revoked_at"] = revocation["at"]
-                        event["revocation_reason"] = revocation["reason"]
-                        line = encode_event(event)
-                    record = get(serial)
                     if record is not None:
                         records.append(record)
                         offsets.append(written)

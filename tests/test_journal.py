@@ -386,6 +386,39 @@ def test_compaction_drops_old_records_folds_revocations_and_moves_offsets(path):
     assert replay(path, again) == 6 and state(again) == state(log)
 
 
+def _reordered(event: dict) -> bytes:
+    """The event's line with its keys in another order ("e" not first): replay reads it like any other."""
+    return encode_event(dict(reversed(list(event.items()))))
+
+
+def test_compaction_reads_the_lines_the_log_cannot_decide_for_it(path):
+    """Issue lines in the layout the appliance writes are decided by their record in the log, unparsed; lines in
+    another key order (which replay accepts) are parsed, and neither those nor their revocations are lost."""
+    lines = [
+        encode_event(issue_event(rec(1, "a", T0, lifetime=HOUR), der_of(1))),  # expired
+        _reordered(issue_event(rec(2, "b", T0, lifetime=HOUR), der_of(2))),  # expired
+        _reordered(issue_event(rec(3, "c", T0, lifetime=100 * HOUR), der_of(3))),
+        encode_event(issue_event(rec(4, "d", T0, lifetime=100 * HOUR), der_of(4))),
+        encode_event(issue_event(rec(5, "e", T0, lifetime=100 * HOUR), der_of(5))),
+        _reordered(revoke_event(4, 1, T0 + 60)),
+        _reordered(revoke_event(3, 4, T0 + 70)),
+        _reordered({"e": "checkpoint", "id": "0" * 32}),
+    ]
+    write(path, b"".join(lines))
+    log = IssuanceLog()
+    assert replay(path, log) == 8
+    j = Journal(path, log, run=sync_run)
+    assert result_of(j.compact(T0 + 10 * HOUR, 2 * HOUR)) == 3
+    events = [json.loads(line) for line in open(path, "rb")]
+    assert [(e["e"], e["serial"], e.get("revoked_at"), e.get("revocation_reason")) for e in events] == [
+        ("issue", 3, T0 + 70, 4), ("issue", 4, T0 + 60, 1), ("issue", 5, None, None)]
+    log._der.clear()
+    assert [result_of(j.certificate(s)) for s in (3, 4, 5)] == [der_of(3), der_of(4), der_of(5)]
+    result_of(j.close())
+    again = IssuanceLog()
+    assert replay(path, again) == 3 and state(again) == state(log)
+
+
 def test_compaction_failure_leaves_the_journal_as_it_was(path, monkeypatch):
     log = IssuanceLog()
     j = Journal(path, log, run=sync_run)
